@@ -1,0 +1,166 @@
+"""TrainBatch (the only record carrying tensors) and the feature loader.
+
+The loader turns a deterministic sample order into micro-batches: it resolves
+indices to refs through a ref source, reads features through the FeatureStore
+contract, and pads them into a TrainBatch. It knows no backend and no role, so a
+colocated and a consumer run build byte-identical batches from the same order.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from draftflow.records import SampleRef
+
+
+@dataclass(frozen=True, slots=True)
+class TrainBatch:
+    input_ids: torch.Tensor  # int64 [B, T], zero-padded on the right
+    loss_mask: torch.Tensor  # uint8 [B, T]
+    aux_hidden: torch.Tensor  # [B, T, 3H]
+    last_hidden: torch.Tensor  # [B, T, H]
+    lengths: torch.Tensor  # int64 [B]
+    sample_ids: tuple[str, ...]
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        return TrainBatch(*(t.to(device, non_blocking=True) for t in
+                            (self.input_ids, self.loss_mask, self.aux_hidden, self.last_hidden, self.lengths)),
+                          self.sample_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def collate(features: list[dict[str, torch.Tensor]], sample_ids: list[str]) -> TrainBatch:
+    lengths = [int(f["input_ids"].shape[0]) for f in features]
+    t = max(lengths)
+
+    def stack(name: str, dtype=None) -> torch.Tensor:
+        first = features[0][name]
+        out = torch.zeros((len(features), t, *first.shape[1:]), dtype=dtype or first.dtype)
+        for i, f in enumerate(features):
+            out[i, : lengths[i]] = f[name]
+        return out
+
+    return TrainBatch(input_ids=stack("input_ids", torch.int64), loss_mask=stack("loss_mask", torch.uint8),
+                      aux_hidden=stack("aux_hidden"), last_hidden=stack("last_hidden"),
+                      lengths=torch.tensor(lengths, dtype=torch.int64), sample_ids=tuple(sample_ids))
+
+
+class RefSource(Protocol):
+    """Maps a sample index to its ref; a streaming source blocks until it exists."""
+
+    num_samples: int
+
+    def resolve(self, index: int) -> SampleRef: ...
+
+
+class ListRefSource:
+    """Refs already in hand (colocated runs, sealed manifests)."""
+
+    def __init__(self, refs: list[SampleRef]):
+        self.refs = sorted(refs, key=lambda r: r.index)
+        if [r.index for r in self.refs] != list(range(len(self.refs))):
+            raise ValueError("refs must cover sample indices 0..N-1 exactly once")
+        self.num_samples = len(self.refs)
+
+    def resolve(self, index: int) -> SampleRef:
+        return self.refs[index]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleOrder:
+    """Which samples each rank trains at each step, as a pure function of the step.
+
+    The global stream is the concatenation of per-epoch permutations (seeded by
+    seed and epoch), so there is no tail drop and no repeat within an epoch; each
+    optimizer step takes the next world*accum*batch samples of the stream. Because
+    the order is a function of the step, resuming needs only the step number.
+    """
+
+    num_samples: int
+    seed: int
+    batch_size: int
+    grad_accum: int
+    world_size: int = 1
+    rank: int = 0
+
+    def epoch_perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        per_step = self.world_size * self.grad_accum * self.batch_size
+        start = step * per_step
+        out = []
+        for m in range(self.grad_accum):
+            first = start + (m * self.world_size + self.rank) * self.batch_size
+            out.append([self.position(p) for p in range(first, first + self.batch_size)])
+        return out
+
+    def position(self, p: int) -> int:
+        epoch, offset = divmod(p, self.num_samples)
+        return self.epoch_perm(epoch)[offset]
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.world_size * self.grad_accum * self.batch_size / self.num_samples
+
+
+class FeatureLoader:
+    """Prefetches the micro-batches of upcoming steps in a background thread."""
+
+    def __init__(self, store, source: RefSource, order: SampleOrder, start_step: int, end_step: int,
+                 prefetch_steps: int = 2):
+        self.store, self.source, self.order = store, source, order
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch_steps)
+        self.wait_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start_step, end_step), daemon=True)
+        self._thread.start()
+
+    def load_step(self, step: int) -> list[TrainBatch]:
+        batches = []
+        for indices in self.order.micro_batches(step):
+            leases = [self.store.get(self.source.resolve(i)) for i in indices]
+            try:
+                # collate copies into fresh padded tensors, so leases can go at once
+                # (a Mooncake lease's buffer slot is reused after release).
+                batches.append(collate([dict(l.tensors) for l in leases], [l.ref.sample_id for l in leases]))
+            finally:
+                for lease in leases:
+                    self.store.release(lease)
+        return batches
+
+    def _run(self, start: int, end: int) -> None:
+        try:
+            for step in range(start, end):
+                item = (step, self.load_step(step))
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # surface loader failures in the training thread
+            self.queue.put((None, e))
+
+    def next(self, step: int) -> list[TrainBatch]:
+        t0 = time.perf_counter()
+        got_step, item = self.queue.get()
+        self.wait_s += time.perf_counter() - t0
+        if got_step is None:
+            raise item
+        assert got_step == step, f"loader out of step: got {got_step}, expected {step}"
+        return item
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,97 @@
+"""Checkpoints with exact resume: model, optimizer, scheduler, RNG and step.
+
+A checkpoint is a folder `step_XXXXXXXX/` written under a temporary name and
+renamed into place once complete; `meta.json` is written last inside it, so a
+folder without it (a crash mid-save) is never taken for a checkpoint. The data
+position needs no saving of its own: the sample order is a function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_VERSION = 1
+EXCLUDED = ("embed_tokens.",)  # frozen target weights: reloaded from the target
+
+
+def draft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith(EXCLUDED)}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: dict, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(draft_state(model), str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step}, tmp / "trainer.pt")
+    meta = {"format_version": CHECKPOINT_VERSION, "step": step, **meta}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+
+
+def read_meta(ckpt: Path) -> dict:
+    path = Path(ckpt) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{ckpt}: not a DraftFlow checkpoint (no meta.json)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if meta.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')!r} is not supported "
+                         f"(this DraftFlow reads version {CHECKPOINT_VERSION})")
+    return meta
+
+
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+    """Restore everything in place; returns the step to continue from."""
+    read_meta(ckpt)
+    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
+    missing = [k for k in missing if not k.startswith(EXCLUDED)]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: checkpoint does not fit the draft (missing {missing}, unexpected {unexpected})")
+    optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", weights_only=True))
+    state = torch.load(Path(ckpt) / "trainer.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

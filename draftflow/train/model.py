@@ -1,0 +1,201 @@
+"""The EAGLE3 draft model: one Llama decoder layer over the target's features.
+
+Parameter names match SGLang's and vLLM's `LlamaForCausalLMEagle3` loaders exactly
+(`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`), so export is a rename-free
+copy. Nothing here knows about stores, distribution or checkpoints.
+
+Shapes: B batch, T tokens, H hidden, A = 3H aux features, nh/nkv heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DraftModelConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int  # the target's vocabulary
+    draft_vocab_size: int
+    target_hidden_size: int
+    rms_norm_eps: float
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    max_position_embeddings: int
+    aux_layer_ids: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["aux_layer_ids"] = list(self.aux_layer_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DraftModelConfig":
+        return cls(**{**d, "aux_layer_ids": tuple(d["aux_layer_ids"])})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: DraftModelConfig) -> torch.Tensor:
+    """Inverse frequencies for the target's RoPE variant (default, llama3, yarn, ...),
+    computed by transformers' own initialisers so scaled variants match serving."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                     head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                     rope_parameters=dict(cfg.rope_parameters))
+    rotary = LlamaRotaryEmbedding(hf)
+    return rotary.inv_freq.float().clone(), float(rotary.attention_scaling)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [B, 1, T, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Self-attention whose input is cat(norm(embed), norm(hidden)), i.e. 2H wide."""
+
+    def __init__(self, cfg: DraftModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(2 * cfg.hidden_size, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(2 * cfg.hidden_size, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(2 * cfg.hidden_size, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def project(self, x_bt2h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, nh, T, hd] and k, v [B, nh, T, hd] (kv heads repeated for GQA)."""
+        b, t, _ = x_bt2h.shape
+        q = self.q_proj(x_bt2h).view(b, t, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x_bt2h).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x_bt2h).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.nh // self.nkv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return q, k, v
+
+    def attend_ttt(self, q, keys: list, values: list) -> torch.Tensor:
+        """Test-time-training attention for unroll step k = len(keys) - 1.
+
+        Queries of step k see the causal prefix of step 0 (keys[0], values[0]) plus,
+        at the same position only, the keys of steps 1..k: exactly what a chain
+        draft sees when serving, where step j's token sits right after step j-1's.
+        """
+        scale = self.hd ** -0.5
+        t = q.shape[2]
+        scores0 = torch.matmul(q, keys[0].transpose(-1, -2)) * scale  # [B, nh, T, T]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores0 = scores0.masked_fill(~causal, float("-inf"))
+        diag = [(q * k).sum(-1, keepdim=True) * scale for k in keys[1:]]  # each [B, nh, T, 1]
+        probs = torch.softmax(torch.cat([scores0, *diag], dim=-1).float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs[..., :t], values[0])
+        for j, v in enumerate(values[1:]):
+            out = out + probs[..., t + j : t + j + 1] * v
+        b, nh, _, hd = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    def __init__(self, cfg: DraftModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def qkv(self, embed_bth, hidden_bth, cos, sin):
+        x = torch.cat([self.input_layernorm(embed_bth), self.hidden_norm(hidden_bth)], dim=-1)
+        return self.self_attn.project(x, cos, sin)
+
+    def finish(self, hidden_bth: torch.Tensor, attn_bth: torch.Tensor) -> torch.Tensor:
+        """Residual around attention, then the MLP block; returns the pre-norm hidden
+        state that the next draft step is fed (as SGLang does)."""
+        hidden = hidden_bth + attn_bth
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftModelConfig):
+        super().__init__()
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError("draft: num_attention_heads must be a multiple of num_key_value_heads")
+        self.cfg = cfg
+        # The target's embedding, frozen; loaded from the target, never exported.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
+        self.midlayer = MidLayer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        inv_freq, self.rope_scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, positions_bt: torch.Tensor, dtype: torch.dtype):
+        freqs = positions_bt.float()[..., None] * self.inv_freq  # [B, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, hd]
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def logits(self, hidden_bth: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden_bth))
+
+    def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int):
+        """Test-time training forward: yields (k, hidden_bth) for k = 0..num_steps-1.
+
+        Step k at position t sees the token ids[t + 1 + k] (callers pass ids already
+        shifted by one: input_ids_bt[:, t] = ids[t + 1]) and the hidden state the
+        draft itself produced at step k-1 (the fc-projected aux features at step 0).
+        Step k sits at position t + k, as the k-th chained draft token does when served.
+        """
+        b, t = input_ids_bt.shape
+        hidden = self.fc(aux_bta.to(self.fc.weight.dtype))
+        positions = torch.arange(t, device=input_ids_bt.device).expand(b, t)
+        keys, values = [], []
+        for k in range(num_steps):
+            # Tokens beyond the sequence end are padded with id 0; callers mask them.
+            ids_k = F.pad(input_ids_bt[:, k:], (0, k), value=0)
+            embed = self.embed_tokens(ids_k).to(hidden.dtype)
+            cos, sin = self.rope(positions + k, hidden.dtype)
+            q, key, value = self.midlayer.qkv(embed, hidden, cos, sin)
+            keys.append(key)
+            values.append(value)
+            attn = self.midlayer.self_attn.attend_ttt(q, keys, values)
+            hidden = self.midlayer.finish(hidden, attn)
+            yield k, hidden

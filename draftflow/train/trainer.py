@@ -1,0 +1,192 @@
+"""The training loop: AdamW, warmup + cosine, accumulation, clipping, checkpoints.
+
+The trainer sees a FeatureStore, a ref source and a sample order; it does not
+know which role or backend produced the features.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from draftflow.config import Config
+from draftflow.train import checkpoint as ckpt
+from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder
+from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier
+from draftflow.train.loss import Teacher, step_masks, ttt_loss
+from draftflow.train.metrics import MetricsLogger
+from draftflow.train.model import DraftModelConfig, Eagle3Draft
+from draftflow.train.vocab import vocab_maps
+
+
+@dataclass(frozen=True, slots=True)
+class TargetHead:
+    """The frozen target tensors a draft trainer needs, and the target's config."""
+
+    embed_weight: torch.Tensor  # [V, H]
+    lm_head_weight: torch.Tensor  # [V, H]
+    hf_config: object
+
+
+def build_draft_config(cfg: Config, hf_config, aux_layer_ids, num_draft_vocab: int) -> DraftModelConfig:
+    d = cfg.draft
+    target_hidden = hf_config.hidden_size
+    hidden = d.hidden_size or target_hidden
+    if hidden != target_hidden:
+        raise ValueError(f"draft.hidden_size: {hidden} differs from the target's hidden size {target_hidden}; "
+                         "the draft shares the target's embedding, so they must match")
+    heads = d.num_attention_heads or hf_config.num_attention_heads
+    rope = getattr(hf_config, "rope_parameters", None) or {
+        "rope_type": "default", "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+    head_dim = getattr(hf_config, "head_dim", None) if heads == hf_config.num_attention_heads else None
+    return DraftModelConfig(
+        hidden_size=hidden,
+        intermediate_size=d.intermediate_size or hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=d.num_key_value_heads or getattr(hf_config, "num_key_value_heads", heads),
+        head_dim=head_dim or hidden // heads,
+        vocab_size=hf_config.vocab_size,
+        draft_vocab_size=num_draft_vocab,
+        target_hidden_size=target_hidden,
+        rms_norm_eps=float(hf_config.rms_norm_eps),
+        rope_parameters={k: v for k, v in dict(rope).items() if v is not None},
+        max_position_embeddings=d.max_position_embeddings or hf_config.max_position_embeddings,
+        aux_layer_ids=tuple(aux_layer_ids),
+    )
+
+
+def build_draft(model_cfg: DraftModelConfig, head: TargetHead, draft_ids: list[int], seed: int) -> Eagle3Draft:
+    """A fresh draft, initialised deterministically from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        draft = Eagle3Draft(model_cfg)
+    with torch.no_grad():
+        draft.embed_tokens.weight.copy_(head.embed_weight)
+        # Start the draft head from the target's rows for the draft vocab: the draft's
+        # final hidden state lives in the target's space, so this is a good prior.
+        draft.lm_head.weight.copy_(head.lm_head_weight[torch.tensor(draft_ids)])
+        d2t, t2d = vocab_maps(draft_ids, model_cfg.vocab_size)
+        draft.d2t.copy_(d2t)
+        draft.t2d.copy_(t2d)
+    return draft
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model_cfg: DraftModelConfig, head: TargetHead, draft_ids: list[int],
+                 store, source: RefSource, dist: DistInfo, extra_meta: dict | None = None):
+        self.cfg, self.tc, self.dist = cfg, cfg.train, dist
+        self.store, self.source = store, source
+        self.model_cfg, self.draft_ids = model_cfg, draft_ids
+        self.output_dir = Path(self.tc.output_dir)
+        self.meta = {"draft_config": model_cfg.to_dict(), "draft_ids": draft_ids, **(extra_meta or {})}
+        self.draft = build_draft(model_cfg, head, draft_ids, self.tc.seed).to(dist.device)
+        self.teacher = Teacher(head.lm_head_weight, torch.tensor(draft_ids)).to(dist.device)
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio))
+        self.order = SampleOrder(num_samples=source.num_samples, seed=self.tc.seed,
+                                 batch_size=self.tc.batch_size, grad_accum=self.tc.grad_accum,
+                                 world_size=dist.world_size, rank=dist.rank)
+        self.autocast = dist.device.type == "cuda"
+
+    # ---- one optimizer step -------------------------------------------------------
+    def train_step(self, batches) -> dict[str, float]:
+        k_steps, decay = self.cfg.draft.ttt_length, self.cfg.draft.loss_decay
+        batches = [b.to(self.dist.device) for b in batches]
+        targets = [self.teacher(b.last_hidden) for b in batches]
+        masks = [step_masks(b.loss_mask, b.lengths, t, k_steps) for b, t in zip(batches, targets)]
+        counts = torch.stack([torch.stack([m.sum() for m in ms]) for ms in masks]).sum(0).float()
+        counts = all_reduce_sum(counts).tolist()
+        sums: dict[str, torch.Tensor] = {}
+        for batch, tgt, ms in zip(batches, targets, masks):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss, part = ttt_loss(self.draft, batch, tgt, ms, decay, counts)
+            loss.backward()
+            for name, v in part.items():
+                sums[name] = sums.get(name, 0) + v
+        all_reduce_grads(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        names = sorted(sums)
+        reduced = all_reduce_sum(torch.stack([sums[n].float() for n in names])).tolist()
+        out = {"grad_norm": float(grad_norm), "valid_tokens": counts[0]}
+        loss_total = 0.0
+        for name, value in zip(names, reduced):
+            k = int(name.rsplit("_", 1)[1])
+            out[name] = value / max(counts[k], 1.0)
+            if name.startswith("ploss_"):
+                loss_total += decay ** k * out[name]
+        out["loss"] = loss_total
+        return out
+
+    # ---- the loop -----------------------------------------------------------------
+    def resume_step(self) -> int:
+        found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
+        if not found:
+            return 0
+        return ckpt.load_checkpoint(found[-1], self.draft, self.optimizer, self.scheduler)
+
+    def save(self, step: int) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.output_dir / "checkpoints", step, self.draft, self.optimizer,
+                                        self.scheduler, self.meta, self.tc.keep_checkpoints)
+        barrier()
+        return path
+
+    def fit(self, stop_after: int | None = None) -> Path | None:
+        """Train to train.max_steps (or stop early after `stop_after` steps, for tests
+        of interruption); returns the last checkpoint folder on rank 0."""
+        start = self.resume_step()
+        end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)
+        logger = MetricsLogger(self.output_dir, start, self.tc.tensorboard, self.dist.is_main)
+        loader = FeatureLoader(self.store, self.source, self.order, start, end)
+        bar = tqdm(total=self.tc.max_steps, initial=start, desc="train", unit="step",
+                   disable=not (self.tc.progress and self.dist.is_main))
+        last = None
+        try:
+            t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
+            for step in range(start, end):
+                batches = loader.next(step)
+                tokens += sum(b.num_tokens for b in batches)
+                record = self.train_step(batches)
+                done = step + 1
+                if done % self.tc.log_every == 0 or done == end:
+                    now = time.perf_counter()
+                    elapsed = now - t_prev
+                    record.update(step=done, lr=self.scheduler.get_last_lr()[0],
+                                  epoch=self.order.epoch_of(done),
+                                  tokens_per_s=tokens * self.dist.world_size / max(elapsed, 1e-9),
+                                  data_wait_share=(loader.wait_s - wait_prev) / max(elapsed, 1e-9))
+                    logger.log({"step": done, **{k: v for k, v in record.items() if k != "step"}})
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record.get('acc_0', 0):.2f}")
+                    t_prev, wait_prev, tokens = now, loader.wait_s, 0
+                bar.update(1)
+                if self.tc.save_every and done % self.tc.save_every == 0 and done != end:
+                    last = self.save(done)
+            if end > start or not ckpt.list_checkpoints(self.output_dir / "checkpoints"):
+                last = self.save(end)
+            else:
+                last = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
+        finally:
+            loader.close()
+            bar.close()
+            logger.close()
+        return last
