@@ -1,0 +1,135 @@
+"""The `draftflow` command line. Config is parsed here, once, into typed records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from draftflow.config import Config, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-c", "--config", action="append", default=[], required=required, metavar="FILE",
+                   help="YAML config; repeat to layer files (later wins)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=50")
+
+
+def _config(args) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from draftflow.roles import run_role
+    from draftflow.summary import print_summary
+
+    cfg = _config(args)
+    result = run_role(cfg, args.role)
+    if result.final_dir is not None:
+        print_summary(cfg, result)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from draftflow.data.prepare import save_prepared
+    from draftflow.roles import plan_data, target_hf_config
+
+    cfg = _config(args)
+    plan = plan_data(cfg, target_hf_config(cfg).vocab_size)
+    out = Path(args.out or Path(cfg.features.root) / "prepared.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_prepared(out, plan.prepared)
+    tokens = sum(s.num_tokens for s in plan.prepared.train)
+    print(f"prepared {len(plan.prepared.train)} training samples ({tokens} tokens) and "
+          f"{len(plan.prepared.heldout)} held-out samples -> {out}")
+    return 0
+
+
+def cmd_capture(args) -> int:
+    from draftflow.capture.capture import resolve_device_dtype
+    from draftflow.capture.target import load_target, resolve_aux_layer_ids
+    from draftflow.roles import plan_data, produce, target_hf_config
+    from draftflow.stores import build_store
+
+    cfg = _config(args)
+    hf_config = target_hf_config(cfg)
+    plan = plan_data(cfg, hf_config.vocab_size)
+    aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
+    store = build_store(cfg.features)
+    target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
+    refs = produce(cfg, plan, store, target, aux_ids)
+    store.close()
+    print(f"captured {len(refs)} samples ({sum(r.num_tokens for r in refs)} tokens) into "
+          f"{cfg.features.backend} store at {cfg.features.root}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from draftflow.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported draft to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from draftflow.demo import run_demo
+
+    return run_demo(args.out, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftflow", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="prepare, capture, train and export (per --role)")
+    _add_config_args(p)
+    p.add_argument("--role", default="colocated", help="colocated | producer | consumer")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="tokenise the configured conversations")
+    _add_config_args(p)
+    p.add_argument("--out", help="prepared dataset file (default <features.root>/prepared.safetensors)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("capture", help="run the target and write features to the store")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("export", help="export a checkpoint as an SGLang/vLLM EAGLE3 draft")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run's output_dir (latest)")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="SmolLM2-135M-Instruct + ShareGPT subset, colocated, on CPU")
+    p.add_argument("--out", default="./demo-run", help="folder for features, run and plots")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "urllib3", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except (ValueError, OSError) as e:
+        print(f"draftflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # store and protocol errors carry their own clear message
+        from draftflow.stores import StoreError
+
+        if isinstance(e, StoreError):
+            print(f"draftflow {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
