@@ -117,8 +117,9 @@ class FeatureLoader:
     """Prefetches the micro-batches of upcoming steps in a background thread."""
 
     def __init__(self, store, source: RefSource, order: SampleOrder, start_step: int, end_step: int,
-                 prefetch_steps: int = 2):
+                 check_ref=None, prefetch_steps: int = 2):
         self.store, self.source, self.order = store, source, order
+        self.check_ref = check_ref or (lambda ref: None)
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch_steps)
         self.wait_s = 0.0
         self._stop = threading.Event()
@@ -128,7 +129,10 @@ class FeatureLoader:
     def load_step(self, step: int) -> list[TrainBatch]:
         batches = []
         for indices in self.order.micro_batches(step):
-            leases = [self.store.get(self.source.resolve(i)) for i in indices]
+            refs = [self.source.resolve(i) for i in indices]
+            for ref in refs:
+                self.check_ref(ref)
+            leases = [self.store.get(ref) for ref in refs]
             try:
                 # collate copies into fresh padded tensors, so leases can go at once
                 # (a Mooncake lease's buffer slot is reused after release).

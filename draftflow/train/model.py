@@ -199,3 +199,50 @@ class Eagle3Draft(nn.Module):
             attn = self.midlayer.self_attn.attend_ttt(q, keys, values)
             hidden = self.midlayer.finish(hidden, attn)
             yield k, hidden
+
+
+class DraftCache:
+    """Keys and values of the draft's one layer, for serving-style decoding.
+
+    Holds step-0 entries for every verified position, followed by the entries of
+    the chain drafted since; `truncate` drops drafted entries after verification.
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def truncate(self, length: int) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+
+
+@torch.no_grad()
+def decode_step(draft: Eagle3Draft, ids_bt: torch.Tensor, hidden_in: torch.Tensor, positions_bt: torch.Tensor,
+                cache: DraftCache) -> torch.Tensor:
+    """One draft forward over new entries, attending to the cache and causally among
+    themselves; returns the pre-norm hidden states [B, n, H] and extends the cache.
+
+    `hidden_in` is the target's aux features [B, n, 3H] when extending verified
+    positions, or the draft's own previous hidden state [B, 1, H] when drafting.
+    """
+    hidden = draft.fc(hidden_in) if hidden_in.shape[-1] != draft.cfg.hidden_size else hidden_in
+    embed = draft.embed_tokens(ids_bt).to(hidden.dtype)
+    cos, sin = draft.rope(positions_bt, hidden.dtype)
+    q, k, v = draft.midlayer.qkv(embed, hidden, cos, sin)
+    past = cache.length
+    cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=2)
+    cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=2)
+    n, total = q.shape[2], cache.length
+    visible = torch.arange(total, device=q.device)[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
+    attn_layer = draft.midlayer.self_attn
+    scores = torch.matmul(q, cache.k.transpose(-1, -2)) * attn_layer.hd ** -0.5
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, cache.v)
+    b = out.shape[0]
+    attn = attn_layer.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    return draft.midlayer.finish(hidden, attn)

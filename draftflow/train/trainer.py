@@ -136,6 +136,18 @@ class Trainer:
         out["loss"] = loss_total
         return out
 
+    def check_ref(self, ref) -> None:
+        """Refuse features that cannot belong to this draft before reading them."""
+        h = self.model_cfg.target_hidden_size
+        expected = {"aux_hidden": (ref.num_tokens, 3 * h), "last_hidden": (ref.num_tokens, h),
+                    "input_ids": (ref.num_tokens,), "loss_mask": (ref.num_tokens,)}
+        for name, shape in expected.items():
+            got = ref.spec(name).shape
+            if got != shape:
+                raise ValueError(f"sample {ref.sample_id!r} ({ref.uri}): feature {name!r} has shape {list(got)}, "
+                                 f"but the target's hidden size {h} needs {list(shape)}; were these features "
+                                 "captured from another target?")
+
     # ---- the loop -----------------------------------------------------------------
     def resume_step(self) -> int:
         found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
@@ -157,7 +169,7 @@ class Trainer:
         start = self.resume_step()
         end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)
         logger = MetricsLogger(self.output_dir, start, self.tc.tensorboard, self.dist.is_main)
-        loader = FeatureLoader(self.store, self.source, self.order, start, end)
+        loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=self.check_ref)
         bar = tqdm(total=self.tc.max_steps, initial=start, desc="train", unit="step",
                    disable=not (self.tc.progress and self.dist.is_main))
         last = None

@@ -1,0 +1,5 @@
+import sys
+
+from draftflow.cli import main
+
+sys.exit(main())

