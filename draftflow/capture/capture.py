@@ -1,0 +1,199 @@
+"""Run the frozen target over prepared samples and publish their features to a store.
+
+Per sample (DESIGN.md section 3): input_ids [T], loss_mask [T], aux_hidden [T, 3H] (the
+outputs of the three aux decoder layers, concatenated in ascending layer order) and
+last_hidden [T, H] (the final post-norm hidden state, the input of lm_head).
+
+Features come from forward hooks on the three aux layers and the final norm, so only
+those tensors are kept (output_hidden_states would hold every layer), and the base
+model is called without its lm_head: the logits are never computed here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from draftflow.capture.target import LoadedTarget, validate_aux_layer_ids
+from draftflow.records import SampleRef
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device_dtype(capture_cfg) -> tuple[torch.device, torch.dtype]:
+    """capture.device / capture.dtype -> (device, dtype); "auto" picks cuda+bfloat16 or cpu+float32."""
+    name = capture_cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"capture.device: {name!r} is not a torch device (expected auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"capture.device: {name!r} asked for, but CUDA is not available here")
+    if capture_cfg.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if capture_cfg.dtype not in _DTYPES:
+        raise ValueError(f"capture.dtype: {capture_cfg.dtype!r} is not one of {['auto', *_DTYPES]}")
+    return device, _DTYPES[capture_cfg.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One sample to capture, its tokens already as tensors."""
+
+    sample_id: str
+    index: int
+    input_ids: torch.Tensor  # int64 [T]
+    loss_mask: torch.Tensor  # uint8 [T]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples: Iterable, store,
+                     capture_cfg, feature_dtype: torch.dtype = torch.bfloat16,
+                     progress: bool = True) -> list[SampleRef]:
+    """Capture and publish the features of every sample; return refs in sample index order.
+
+    `samples` are objects with .sample_id, .index, .input_ids and .loss_mask. Samples the
+    store already holds are skipped without running the target, so a rerun resumes.
+    """
+    aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, len(target.model.model.layers))
+    if capture_cfg.batch_tokens <= 0:
+        raise ValueError(f"capture.batch_tokens: expected a positive token budget, got {capture_cfg.batch_tokens}")
+    items = [_to_item(s) for s in samples]
+    _check_unique(items)
+    refs: dict[int, SampleRef] = {}
+    pending = []
+    for item in items:
+        ref = store.lookup(item.sample_id, item.index)
+        if ref is None:
+            pending.append(item)
+            continue
+        if ref.num_tokens != item.num_tokens:
+            raise ValueError(f"sample {item.sample_id!r}: the store already holds it with {ref.num_tokens} "
+                             f"tokens, the prepared sample has {item.num_tokens} (store filled from other data?)")
+        refs[item.index] = ref
+    bar = tqdm(total=sum(i.num_tokens for i in pending), unit="tok", unit_scale=True,
+               desc="capture", disable=not progress)
+    with bar, _FeatureHooks(target.model, aux_layer_ids) as hooks, ThreadPoolExecutor(1) as writer:
+        # One writer thread publishes batch n while the target runs batch n+1; waiting
+        # on the oldest write keeps at most two batches of features in host memory.
+        writes: deque = deque()
+        for batch in pack_batches(pending, capture_cfg.batch_tokens):
+            features = _run_batch(target.model, hooks, batch, feature_dtype)
+            writes.append(writer.submit(_publish, store, batch, features))
+            bar.update(sum(i.num_tokens for i in batch))
+            if len(writes) > 1:
+                refs.update(writes.popleft().result())
+        while writes:
+            refs.update(writes.popleft().result())
+    return [refs[i] for i in sorted(refs)]
+
+
+def _publish(store, batch: list[_Item], features: list[dict]) -> dict[int, SampleRef]:
+    return {item.index: store.put(item.sample_id, item.index, f) for item, f in zip(batch, features)}
+
+
+def _to_item(sample) -> _Item:
+    input_ids = torch.as_tensor(sample.input_ids, dtype=torch.int64).reshape(-1)
+    loss_mask = torch.as_tensor(sample.loss_mask).reshape(-1)
+    where = f"sample {sample.sample_id!r} (index {sample.index})"
+    if input_ids.numel() == 0:
+        raise ValueError(f"{where}: has no tokens")
+    if loss_mask.shape != input_ids.shape:
+        raise ValueError(f"{where}: loss_mask has {loss_mask.numel()} entries, input_ids {input_ids.numel()}")
+    if not bool(((loss_mask == 0) | (loss_mask == 1)).all()):
+        raise ValueError(f"{where}: loss_mask must hold only 0 and 1")
+    return _Item(sample.sample_id, int(sample.index), input_ids, loss_mask.to(torch.uint8))
+
+
+def _check_unique(items: Sequence[_Item]) -> None:
+    seen_ids, seen_indices = set(), set()
+    for item in items:
+        if item.sample_id in seen_ids or item.index in seen_indices:
+            raise ValueError(f"sample {item.sample_id!r} (index {item.index}): duplicate sample id or index")
+        seen_ids.add(item.sample_id)
+        seen_indices.add(item.index)
+
+
+def pack_batches(items: Sequence[_Item], batch_tokens: int) -> list[list[_Item]]:
+    """Group items by length so that each batch's padded size (max_len * n) <= batch_tokens.
+
+    Longest first, so a batch that would not fit in memory fails at once, not at the end.
+    A sample longer than the budget runs alone (it cannot be split).
+    """
+    ordered = sorted(items, key=lambda i: (-i.num_tokens, i.index))
+    batches: list[list[_Item]] = []
+    for item in ordered:
+        # The first item of a batch is its longest, so it sets the padded length.
+        if batches and batches[-1][0].num_tokens * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+class _FeatureHooks:
+    """Forward hooks that keep the outputs of the aux layers and of the final norm."""
+
+    def __init__(self, model: torch.nn.Module, aux_layer_ids: Sequence[int]):
+        self.aux_layer_ids = list(aux_layer_ids)
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = {f"layer{i}": model.model.layers[i] for i in self.aux_layer_ids}
+        modules["norm"] = model.model.norm
+        self._modules = modules
+        self._handles = []
+
+    def __enter__(self) -> "_FeatureHooks":
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._keeper(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+    def _keeper(self, name: str):
+        def hook(module, args, output):
+            # Decoder layers return a tensor in transformers 5, a tuple in older versions.
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux [B, T, 3H], last [B, T, H]) of the forward that just ran; forgets them."""
+        aux = torch.cat([self.outputs[f"layer{i}"] for i in self.aux_layer_ids], dim=-1)
+        last = self.outputs["norm"]
+        self.outputs.clear()
+        return aux, last
+
+
+def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype) -> list[dict]:
+    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU."""
+    device = next(model.parameters()).device
+    max_len = batch[0].num_tokens
+    input_ids = torch.zeros(len(batch), max_len, dtype=torch.int64)
+    attention_mask = torch.zeros(len(batch), max_len, dtype=torch.int64)
+    for row, item in enumerate(batch):
+        input_ids[row, :item.num_tokens] = item.input_ids
+        attention_mask[row, :item.num_tokens] = 1
+    with torch.inference_mode():
+        # Right padding with a causal model: a real position only attends to earlier
+        # positions, all real, and the mask also hides padding keys. Padding positions
+        # are computed and then dropped; they never feed a real token's features.
+        model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        aux, last = hooks.take()
+        aux = aux.to(feature_dtype).cpu()
+        last = last.to(feature_dtype).cpu()
+    return [{"input_ids": item.input_ids, "loss_mask": item.loss_mask,
+             "aux_hidden": aux[row, :item.num_tokens].clone(), "last_hidden": last[row, :item.num_tokens].clone()}
+            for row, item in enumerate(batch)]
