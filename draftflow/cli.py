@@ -117,18 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "urllib3", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from draftflow.control.manifest import ManifestError
+    from draftflow.stores import StoreError
+
     try:
         return args.func(args) or 0
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TimeoutError, StoreError, ManifestError) as e:
+        # These carry a message written for the user (file, field, what was expected).
         print(f"draftflow {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # store and protocol errors carry their own clear message
-        from draftflow.stores import StoreError
-
-        if isinstance(e, StoreError):
-            print(f"draftflow {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

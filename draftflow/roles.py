@@ -10,7 +10,10 @@ One function per stage, shared by every role:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +24,16 @@ from draftflow.capture.capture import capture_features, resolve_device_dtype
 from draftflow.capture.target import (LoadedTarget, config_hash, load_target, load_target_head,
                                       random_identity, resolve_aux_layer_ids, resolve_target_folder)
 from draftflow.config import Config
+from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
+                                        wait_for_header)
+from draftflow.control.signing import load_secret
+from draftflow.control.sources import ClaimingRefSource, ManifestRefSource
 from draftflow.data.prepare import PreparedData, data_hash, prepare_dataset
 from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
 from draftflow.export import export_draft
 from draftflow.records import Provenance
 from draftflow.stores import build_store
+from draftflow.stores.shared_dir import resolve_release
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import ListRefSource, RefSource
 from draftflow.train.distributed import init_distributed
@@ -150,10 +158,113 @@ def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
                      num_samples=len(refs), num_tokens=sum(r.num_tokens for r in refs))
 
 
+# ---- disaggregated roles -------------------------------------------------------------
+
+def control_dir(cfg: Config) -> Path:
+    return Path(cfg.features.root) / "control"
+
+
+def run_id_for(provenance: Provenance, num_samples: int, draft_ids: list[int], release: str) -> str:
+    """Deterministic, so a producer rerun reopens (and resumes) its own run."""
+    payload = json.dumps([provenance.to_dict(), num_samples, draft_ids, release], sort_keys=True)
+    return "run-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class PublishingStore:
+    """The producer's view of the store: waits for room (consume-once back-pressure),
+    puts, then journals the ref in the signed manifest. Refs become visible to
+    consumers only after their sample is durably published."""
+
+    def __init__(self, store, writer: ManifestWriter):
+        self.store, self.writer = store, writer
+
+    def lookup(self, sample_id: str, index: int):
+        return self.store.lookup(sample_id, index)
+
+    def put(self, sample_id: str, index: int, tensors):
+        wait_for_room = getattr(self.store, "wait_for_room", None)
+        if wait_for_room is not None:
+            wait_for_room(sum(t.numel() * t.element_size() for t in tensors.values()))
+        ref = self.store.put(sample_id, index, tensors)
+        self.writer.publish(ref)
+        return ref
+
+
+def run_producer(cfg: Config, environ=os.environ) -> RunResult:
+    """Capture (or resume capturing) into the store and publish refs in a signed manifest."""
+    require_shared_backend(cfg, "producer")
+    secret = load_secret(cfg.features, environ)
+    hf_config = target_hf_config(cfg)
+    plan = plan_data(cfg, hf_config.vocab_size)
+    aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
+    provenance = build_provenance(cfg, hf_config, aux_ids, plan)
+    store = build_store(cfg.features)
+    release = resolve_release(cfg.features.release)
+    num = len(plan.prepared.train)
+    header = ManifestHeader(run_id=run_id_for(provenance, num, plan.draft_ids, release), provenance=provenance,
+                            draft_vocab=tuple(plan.draft_ids), num_samples=num, release=release)
+    writer = ManifestWriter(control_dir(cfg), secret, header)
+    try:
+        target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
+        refs = produce(cfg, plan, PublishingStore(store, writer), target, aux_ids)
+        for ref in refs:  # samples a crashed run had stored but not yet journaled
+            writer.publish(ref)
+        writer.seal()
+    except BaseException as e:
+        # Tell consumers instead of leaving them to time out; a rerun clears it.
+        writer.fail(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        writer.close()
+        store.close()
+    log.info("producer: sealed run %s with %d samples at %s", header.run_id, num, cfg.features.root)
+    return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None, num_samples=num,
+                     num_tokens=sum(r.num_tokens for r in refs))
+
+
+def consumer_provenance(cfg: Config, header: ManifestHeader) -> Provenance:
+    """What the consumer's own config says the features must be. It cannot check the
+    data (it may not have it) or where the producer found the target, so those two
+    fields are taken from the manifest; everything else is derived independently."""
+    hf_config = target_hf_config(cfg)
+    tok = load_tokenizer(tokenizer_spec(cfg))
+    aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
+    produced = header.provenance
+    return Provenance(target=produced.target, target_config_hash=config_hash(hf_config),
+                      tokenizer_hash=tokenizer_hash(tok), hidden_size=hf_config.hidden_size,
+                      vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),
+                      feature_dtype=cfg.features.dtype, data_hash=produced.data_hash,
+                      producer_version=produced.producer_version)
+
+
+def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None) -> RunResult:
+    """Wait for the producer's manifest, check it, and train from its refs."""
+    require_shared_backend(cfg, "consumer")
+    secret = load_secret(cfg.features, environ)
+    wait_for_header(control_dir(cfg), cfg.features.wait_timeout_s)
+    reader = ManifestReader(control_dir(cfg), secret)
+    expected = consumer_provenance(cfg, reader.header)
+    check_provenance(reader.header, expected)
+    store = build_store(cfg.features)
+    if reader.header.release == "consume_once":
+        source = ClaimingRefSource(reader, store, cfg.features.wait_timeout_s)
+    else:
+        source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
+    try:
+        return train_from_refs(cfg, list(expected.aux_layer_ids), list(reader.header.draft_vocab), store,
+                               source, reader.header.provenance, stop_after=stop_after)
+    finally:
+        store.close()
+
+
+def require_shared_backend(cfg: Config, role: str) -> None:
+    if cfg.features.backend == "local":
+        raise ValueError(f"--role {role} needs features.backend shared_dir or mooncake "
+                         "(a local store is private to one job; use --role colocated)")
+
+
 def run_role(cfg: Config, role: str) -> RunResult:
-    if role not in ROLES:
+    runners = {"colocated": run_colocated, "producer": run_producer, "consumer": run_consumer}
+    if role not in runners:
         raise ValueError(f"--role: unknown role {role!r}, expected one of {list(ROLES)}")
-    if role == "colocated":
-        return run_colocated(cfg)
-    raise ValueError(f"--role {role} needs features.backend shared_dir or mooncake "
-                     "(disaggregated roles are not available yet)")
+    return runners[role](cfg)

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 from draftflow.stores.base import FeatureStore, Lease, StoreError, ChecksumError
 from draftflow.stores.local import LocalStore
+from draftflow.stores.shared_dir import SharedDirStore
 
-BACKENDS = {"local": LocalStore}
+
+def _mooncake(features_cfg):
+    from draftflow.stores.mooncake import MooncakeStore  # optional dependency
+
+    return MooncakeStore(features_cfg)
+
+
+# Backends side by side, keyed by `features.backend`; each takes the features config.
+BACKENDS = {
+    "local": lambda c: LocalStore(c.root),
+    "shared_dir": SharedDirStore,
+    "mooncake": _mooncake,
+}
 
 
 def build_store(features_cfg) -> FeatureStore:
     """Open the store named by `features.backend` at `features.root`."""
     try:
-        cls = BACKENDS[features_cfg.backend]
+        make = BACKENDS[features_cfg.backend]
     except KeyError:
         raise ValueError(f"features.backend: unknown backend {features_cfg.backend!r}, "
                          f"expected one of {sorted(BACKENDS)}") from None
-    return cls(features_cfg.root)
+    return make(features_cfg)
 
 
-__all__ = ["FeatureStore", "Lease", "StoreError", "ChecksumError", "LocalStore", "build_store"]
+__all__ = ["FeatureStore", "Lease", "StoreError", "ChecksumError", "LocalStore", "SharedDirStore",
+           "build_store"]

@@ -54,6 +54,10 @@ def collate(features: list[dict[str, torch.Tensor]], sample_ids: list[str]) -> T
                       lengths=torch.tensor(lengths, dtype=torch.int64), sample_ids=tuple(sample_ids))
 
 
+class EndOfStream(Exception):
+    """A ref source has no more samples (a consume-once stream of a sealed run)."""
+
+
 class RefSource(Protocol):
     """Maps a sample index to its ref; a streaming source blocks until it exists."""
 
@@ -120,6 +124,7 @@ class FeatureLoader:
                  check_ref=None, prefetch_steps: int = 2):
         self.store, self.source, self.order = store, source, order
         self.check_ref = check_ref or (lambda ref: None)
+        self.ended = False
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch_steps)
         self.wait_s = 0.0
         self._stop = threading.Event()
@@ -127,9 +132,18 @@ class FeatureLoader:
         self._thread.start()
 
     def load_step(self, step: int) -> list[TrainBatch]:
+        """The micro-batches of one step; fewer or smaller ones when a stream ends
+        inside the step (the tail is trained, not dropped); [] once it has ended."""
         batches = []
         for indices in self.order.micro_batches(step):
-            refs = [self.source.resolve(i) for i in indices]
+            refs = []
+            try:
+                for i in indices:
+                    refs.append(self.source.resolve(i))
+            except EndOfStream:
+                self.ended = True
+            if not refs:
+                break
             for ref in refs:
                 self.check_ref(ref)
             leases = [self.store.get(ref) for ref in refs]
@@ -140,12 +154,17 @@ class FeatureLoader:
             finally:
                 for lease in leases:
                     self.store.release(lease)
+            if self.ended:
+                break
         return batches
 
     def _run(self, start: int, end: int) -> None:
         try:
             for step in range(start, end):
                 item = (step, self.load_step(step))
+                if not item[1]:
+                    self.queue.put(item)
+                    return
                 while not self._stop.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
@@ -158,6 +177,7 @@ class FeatureLoader:
             self.queue.put((None, e))
 
     def next(self, step: int) -> list[TrainBatch]:
+        """The step's micro-batches; an empty list once the source has ended."""
         t0 = time.perf_counter()
         got_step, item = self.queue.get()
         self.wait_s += time.perf_counter() - t0

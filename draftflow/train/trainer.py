@@ -6,6 +6,7 @@ know which role or backend produced the features.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -136,6 +137,19 @@ class Trainer:
         out["loss"] = loss_total
         return out
 
+    def _log_samples(self, step: int, batches) -> None:
+        """Append which samples this rank trained at each step (an audit trail: in
+        consume-once runs it shows every sample was trained exactly once)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        ids = [sid for b in batches for sid in b.sample_ids]
+        with open(self.output_dir / f"samples.rank{self.dist.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "samples": ids}) + "\n")
+
+    def _all_have_data(self, have: bool) -> bool:
+        """Every rank must agree to take a step, or the collectives would hang."""
+        flag = torch.tensor([1.0 if have else 0.0], device=self.dist.device)
+        return bool(all_reduce_sum(flag).item() == self.dist.world_size)
+
     def check_ref(self, ref) -> None:
         """Refuse features that cannot belong to this draft before reading them."""
         h = self.model_cfg.target_hidden_size
@@ -177,7 +191,11 @@ class Trainer:
             t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
             for step in range(start, end):
                 batches = loader.next(step)
+                if not self._all_have_data(bool(batches)):
+                    end = step  # a consume-once stream ran out: finish here
+                    break
                 tokens += sum(b.num_tokens for b in batches)
+                self._log_samples(step + 1, batches)
                 record = self.train_step(batches)
                 done = step + 1
                 if done % self.tc.log_every == 0 or done == end:
