@@ -74,6 +74,60 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_ingest(args) -> int:
+    from draftflow.roles import run_ingest
+
+    cfg = _config(args)
+    result = run_ingest(cfg, Path(args.src))
+    print(f"ingested {result.num_samples} samples ({result.num_tokens} tokens) from {args.src} into the "
+          f"{cfg.features.backend} store at {cfg.features.root}; manifest sealed")
+    return 0
+
+
+def cmd_store(args) -> int:
+    import os
+
+    from draftflow.control.signing import load_secret
+    from draftflow.stores import admin
+
+    if args.action == "serve":
+        return cmd_store_serve(args)
+    cfg = _config(args)
+    root = Path(cfg.features.root)
+    if args.action == "gc" and cfg.features.backend == "mooncake":
+        from draftflow.stores import build_store
+
+        store = build_store(cfg.features)
+        print(f"mooncake: removed {store.cleanup_run()} object(s) of this run")
+        store.close()
+    if args.action == "ls":
+        summary = admin.list_store(root)
+        print(f"store {root}\n  manifest : {summary.manifest_state} ({summary.num_refs} refs)\n"
+              f"  samples  : {summary.num_samples} files, {summary.num_bytes / 2**20:.1f} MiB\n"
+              f"  claims   : {summary.num_claims} held, {summary.num_done} done\n"
+              f"  temp     : {summary.num_temp_files} leftover file(s)")
+        return 0
+    if args.action == "verify":
+        problems = admin.verify_store(root, load_secret(cfg.features, os.environ))
+        for p in problems:
+            print(p)
+        print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 0 if not problems else 1
+    what = args.what or ["temp"]
+    removed = admin.gc_store(root, what, claim_timeout_s=cfg.features.claim_timeout_s)
+    print(f"{root}: removed {removed}")
+    return 0
+
+
+def cmd_store_serve(args) -> int:
+    from draftflow.stores.mooncake_service import serve
+
+    cfg = load_config(args.config, args.overrides)
+    if args.backend != "mooncake":
+        raise ValueError(f"store serve --backend {args.backend}: only mooncake runs a server")
+    return serve(cfg.features, args.config_out, args.host) or 0
+
+
 def cmd_demo(args) -> int:
     from draftflow.demo import run_demo
 
@@ -103,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run's output_dir (latest)")
     p.add_argument("--out", required=True, help="destination folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ingest", help="publish existing feature files (DraftFlow or SpecForge .ckpt) into the store")
+    _add_config_args(p)
+    p.add_argument("--from", dest="src", required=True, help="folder of *.safetensors or *.ckpt feature files")
+    p.set_defaults(func=cmd_ingest)
+
+    store = sub.add_parser("store", help="inspect, verify, clean or serve a feature store")
+    store_sub = store.add_subparsers(dest="action", required=True)
+    for action, text in (("ls", "summarise a store: manifest state, samples, claims"),
+                         ("verify", "check the manifest signatures and every sample's checksums"),
+                         ("gc", "remove leftovers (temp files, stale claims, consumed samples) or everything"),
+                         ("serve", "run a Mooncake master and segment holder in the foreground")):
+        p = store_sub.add_parser(action, help=text)
+        _add_config_args(p, required=False)
+        if action == "gc":
+            p.add_argument("--what", action="append", choices=["temp", "claims", "consumed", "all"],
+                           help="what to remove (repeatable; default temp)")
+        if action == "serve":
+            p.add_argument("--backend", default="mooncake", help="the store to run (mooncake)")
+            p.add_argument("--config-out", help="write the client config snippet here")
+            p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+        p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("demo", help="SmolLM2-135M-Instruct + ShareGPT subset, colocated, on CPU")
     p.add_argument("--out", default="./demo-run", help="folder for features, run and plots")

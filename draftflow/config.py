@@ -66,6 +66,14 @@ class MooncakeConfig:
     device_name: str = ""
     global_segment_size: int = 0  # bytes this client contributes to the pool (0: none)
     buffer_bytes: int = 1 << 30  # registered host buffer pool for zero-copy transfers
+    # Namespace of this run's keys ("<run_id>/<sample_id>/..."); producer and consumer
+    # must agree. None: derived from the absolute `features.root`.
+    run_id: str | None = None
+    # Segment of the holder that `store serve` (or a colocated run without `master`)
+    # starts: the store's whole capacity.
+    segment_bytes: int = 4 << 30
+    # A put waits this long for a consumer to free room before "store full".
+    full_timeout_s: float = 300.0
 
 
 @dataclass(**RECORD)

@@ -222,6 +222,50 @@ def run_producer(cfg: Config, environ=os.environ) -> RunResult:
                      num_tokens=sum(r.num_tokens for r in refs))
 
 
+def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:
+    """Publish existing feature files (DraftFlow's or SpecForge's) into the store,
+    with the same signed manifest a producer writes."""
+    from draftflow.ingest import IngestedSample, list_feature_files, read_feature_file
+
+    secret = load_secret(cfg.features, environ)
+    hf_config = target_hf_config(cfg)
+    aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
+    dtype = feature_dtype(cfg)
+    files = list_feature_files(Path(src))
+    samples = []
+    for i, path in enumerate(files):  # pass 1: token ids only, for the vocab and the data hash
+        feats = read_feature_file(path, dtype)
+        if feats["last_hidden"].shape[1] != hf_config.hidden_size:
+            raise ValueError(f"{path}: hidden size {feats['last_hidden'].shape[1]}, but the configured target "
+                             f"has hidden_size {hf_config.hidden_size}")
+        samples.append(IngestedSample(f"s{i:06d}", i, path, feats["input_ids"], feats["loss_mask"]))
+    draft_ids = build_draft_vocab(samples, cfg.draft.vocab_size, hf_config.vocab_size)
+    plan = DataPlan(prepared=None, draft_ids=draft_ids,
+                    tokenizer_hash=tokenizer_hash(load_tokenizer(tokenizer_spec(cfg))), data_hash=data_hash(samples))
+    provenance = build_provenance(cfg, hf_config, aux_ids, plan)
+    release = resolve_release(cfg.features.release)
+    header = ManifestHeader(run_id=run_id_for(provenance, len(samples), draft_ids, release), provenance=provenance,
+                            draft_vocab=tuple(draft_ids), num_samples=len(samples), release=release)
+    store = build_store(cfg.features)
+    writer = ManifestWriter(control_dir(cfg), secret, header)
+    publishing = PublishingStore(store, writer)
+    try:
+        for s in samples:  # pass 2: publish, skipping what a previous ingest stored
+            ref = store.lookup(s.sample_id, s.index)
+            if ref is None:
+                ref = publishing.put(s.sample_id, s.index, read_feature_file(s.path, dtype))
+            writer.publish(ref)
+        writer.seal()
+    except BaseException as e:
+        writer.fail(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        writer.close()
+        store.close()
+    return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None,
+                     num_samples=len(samples), num_tokens=sum(int(s.input_ids.numel()) for s in samples))
+
+
 def consumer_provenance(cfg: Config, header: ManifestHeader) -> Provenance:
     """What the consumer's own config says the features must be. It cannot check the
     data (it may not have it) or where the producer found the target, so those two
@@ -261,6 +305,10 @@ def require_shared_backend(cfg: Config, role: str) -> None:
     if cfg.features.backend == "local":
         raise ValueError(f"--role {role} needs features.backend shared_dir or mooncake "
                          "(a local store is private to one job; use --role colocated)")
+    if cfg.features.backend == "mooncake" and not cfg.features.mooncake.master:
+        raise ValueError(f"--role {role} with features.backend mooncake needs features.mooncake.master: "
+                         "start one with `draftflow store serve --backend mooncake --config-out store.yaml` "
+                         "and add `-c store.yaml`")
 
 
 def run_role(cfg: Config, role: str) -> RunResult:

@@ -8,9 +8,9 @@ from draftflow.stores.shared_dir import SharedDirStore
 
 
 def _mooncake(features_cfg):
-    from draftflow.stores.mooncake import MooncakeStore  # optional dependency
+    from draftflow.stores.mooncake import open_mooncake_store  # optional dependency
 
-    return MooncakeStore(features_cfg)
+    return open_mooncake_store(features_cfg)
 
 
 # Backends side by side, keyed by `features.backend`; each takes the features config.

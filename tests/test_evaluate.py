@@ -1,0 +1,262 @@
+"""Evaluation: speculative decoding with an exported draft is lossless, counts forwards
+exactly, feeds the draft what training fed it, and refuses drafts that do not fit."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from draftflow.capture.target import load_target, load_target_head
+from draftflow.config import load_config
+from draftflow.evaluate import (Eagle3Proposer, _TargetRunner, accept_length, evaluate, format_results,
+                                greedy_generate, heldout_prompts, load_exported_draft, read_draft_config,
+                                speculative_decode, speculative_generate, write_json)
+from draftflow.export import export_draft
+from draftflow.roles import plan_data, target_hf_config
+from draftflow.train.trainer import TargetHead, build_draft, build_draft_config
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+AUX = [1, 3, 4]  # the EAGLE3 default for the tiny 8-layer target
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config([TINY], ["train.progress=false"])
+
+
+@pytest.fixture(scope="module")
+def target(cfg):
+    return load_target(cfg.target, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(cfg, tmp_path_factory):
+    """A randomly initialised draft (the trainer's step-0 draft), exported for serving."""
+    hf = target_hf_config(cfg)
+    plan = plan_data(cfg, hf.vocab_size)
+    embed, lm_head, hf = load_target_head(cfg.target)
+    model_cfg = build_draft_config(cfg, hf, AUX, len(plan.draft_ids))
+    draft = build_draft(model_cfg, TargetHead(embed, lm_head, hf), plan.draft_ids, seed=0)
+    return export_draft(draft.state_dict(), model_cfg, tmp_path_factory.mktemp("draft") / "final")
+
+
+@pytest.fixture(scope="module")
+def prompts(cfg):
+    return heldout_prompts(cfg, 4).prompts
+
+
+def embed_of(target):
+    return target.model.get_input_embeddings().weight
+
+
+class OracleProposer:
+    """Test double, not a draft: proposes the target's known greedy continuation for the
+    first `num_right` tokens of each chain and a wrong token after that."""
+
+    def __init__(self, prompt, greedy, num_right, vocab_size):
+        self.full, self.num_right, self.vocab = list(prompt) + list(greedy), num_right, vocab_size
+        self.num_verified = 0
+
+    def observe(self, next_ids, aux_bta):
+        assert aux_bta.shape[1] == len(next_ids)
+        # The tokens that follow the newly verified positions are the true sequence.
+        assert next_ids == self.full[self.num_verified + 1:self.num_verified + 1 + len(next_ids)]
+        self.num_verified += len(next_ids)
+
+    def propose(self, depth):
+        true = self.full[self.num_verified + 1:self.num_verified + 1 + depth]
+        return [t if k < self.num_right else (t + 1) % self.vocab for k, t in enumerate(true)]
+
+
+def expected_rounds(num_new, depth, num_right):
+    """Rounds a proposer right for `num_right` tokens needs for `num_new` tokens."""
+    produced, rounds = 1, 0  # the prefill produced the first token
+    while produced < num_new:
+        drafted = min(depth, num_new - produced - 1)
+        produced += min(num_right, drafted) + 1
+        rounds += 1
+    return rounds
+
+
+def test_accept_length_counts_leading_matches_only():
+    assert accept_length([5, 6, 7], [5, 6, 7, 8]) == 3
+    assert accept_length([5, 9, 7], [5, 6, 7, 8]) == 1
+    assert accept_length([4, 6, 7], [5, 6, 7, 8]) == 0
+    assert accept_length([], [5]) == 0
+
+
+def test_greedy_with_kv_cache_equals_full_recomputation(target, prompts):
+    got = greedy_generate(target.model, prompts[0], 12)
+    seq = list(prompts[0])
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(target.model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert got == seq[len(prompts[0]):]
+
+
+@pytest.mark.parametrize("num_right", [0, 2, 4])
+def test_forced_proposals_give_exact_tau_and_greedy_output(target, prompts, num_right):
+    """Wrong proposals are written into the target's KV cache and must be rolled back:
+    the output stays the plain greedy decode, and tau is exactly what the proposer earns."""
+    depth, num_new = 4, 23
+    vocab = target.config.vocab_size
+    for prompt in prompts[:2]:
+        greedy = greedy_generate(target.model, prompt, num_new)  # no EOS: always num_new tokens
+        proposer = OracleProposer(prompt, greedy, num_right, vocab)
+        gen = speculative_decode(target.model, proposer, AUX, prompt, num_new, depth)
+        assert gen.tokens == greedy
+        rounds = expected_rounds(num_new, depth, num_right)
+        assert len(gen.rounds) == rounds and gen.target_forwards == rounds + 1
+        assert sum(r.produced for r in gen.rounds) / rounds == pytest.approx((num_new - 1) / rounds)
+        assert all(r.accepted == min(num_right, r.drafted) for r in gen.rounds)
+    if num_right == 4:  # a perfect proposer: every round drafts 4 (or what is left) and keeps all
+        assert rounds == math.ceil((num_new - 1) / (depth + 1))
+
+
+def test_eos_ends_speculative_output_like_greedy(target, prompts):
+    greedy = greedy_generate(target.model, prompts[0], 20)
+    eos = greedy[6]  # pretend a token the target emits is EOS
+    want = greedy[:greedy.index(eos) + 1]
+    assert greedy_generate(target.model, prompts[0], 20, [eos]) == want
+    proposer = OracleProposer(prompts[0], greedy, 4, target.config.vocab_size)
+    gen = speculative_decode(target.model, proposer, AUX, prompts[0], 20, 4, [eos])
+    assert gen.tokens == want
+    assert sum(r.produced for r in gen.rounds) == len(want) - 1
+
+
+def test_draft_sees_in_decoding_what_training_showed_it(target, draft_dir, prompts):
+    """Alignment: every chain step's hidden state equals the TTT training forward's at
+    the same place (step k at position n-1 sees aux(n-1), token n and the drafted
+    tokens), so serving-time inputs, positions and attention are the training ones."""
+    draft = load_exported_draft(draft_dir, embed_of(target), AUX).double()
+    chains = []
+
+    class Recording(Eagle3Proposer):
+        def propose(self, depth):
+            self.hiddens = []  # filled by _target_id, once per chain step
+            tokens = super().propose(depth)
+            chains.append((self.num_verified, tokens, self.hiddens))
+            return tokens
+
+        def _target_id(self, hidden_b1h):
+            self.hiddens.append(hidden_b1h[0, -1].clone())
+            return super()._target_id(hidden_b1h)
+
+    prompt, depth = prompts[1], 4
+    gen = speculative_decode(target.model, Recording(draft), AUX, prompt, 24, depth)
+    seq = prompt + gen.tokens
+    with torch.inference_mode(), _TargetRunner(target.model, AUX) as runner:
+        _, aux = runner.forward(seq)
+    assert len(chains) == len(gen.rounds)
+    for num_verified, drafted, hiddens in chains:
+        # Training's view of this chain: the verified sequence followed by the drafts.
+        ids = torch.tensor([seq[1:num_verified + 1] + drafted[:-1]])
+        aux_chain = torch.zeros(1, ids.shape[1], aux.shape[-1], dtype=torch.float64)
+        aux_chain[:, :num_verified] = aux[:, :num_verified]
+        ttt = dict(draft.unroll(ids, aux_chain, len(drafted)))
+        for k, hidden in enumerate(hiddens):
+            assert torch.allclose(hidden, ttt[k][0, num_verified - 1], atol=1e-4), (num_verified, k)
+
+
+def test_random_draft_evaluates_lossless_with_consistent_counts(cfg, draft_dir, tmp_path):
+    result = evaluate(cfg, draft_dir, depth=3, max_new_tokens=16, num_prompts=4)
+    assert result["lossless"] and result["mismatched_prompts"] == []
+    assert result["tau"] >= 1.0 and len(result["per_depth"]) == 3
+    assert result["num_prompts"] == 4 and result["baseline_forwards"] == result["new_tokens"]
+    assert result["target_forwards"] == result["num_prompts"] + result["rounds"]
+    assert result["forwards_saved"] == result["baseline_forwards"] - result["target_forwards"]
+    out = write_json(result, tmp_path / "sub" / "eval.json")
+    assert json.loads(out.read_text())["tau"] == result["tau"]
+    assert "tau" in format_results({"random": result})
+
+
+def test_speculative_generate_with_real_draft_matches_greedy(target, draft_dir, prompts):
+    draft = load_exported_draft(draft_dir, embed_of(target), AUX)
+    for prompt in prompts:
+        gen = speculative_generate(target.model, draft, AUX, prompt, 20, 5)
+        assert gen.tokens == greedy_generate(target.model, prompt, 20)
+
+
+def test_exported_config_reads_back_as_the_training_config(cfg, draft_dir, target):
+    model_cfg = read_draft_config(draft_dir / "config.json")
+    hf = target.config
+    assert model_cfg == build_draft_config(cfg, hf, AUX, model_cfg.draft_vocab_size)
+    draft = load_exported_draft(draft_dir, embed_of(target), AUX)
+    saved = load_file(str(draft_dir / "model.safetensors"))
+    assert torch.equal(draft.fc.weight, saved["fc.weight"].float())
+    assert torch.equal(draft.embed_tokens.weight, embed_of(target))
+
+
+def copy_draft(src, dst, tensors=None, config=None):
+    dst.mkdir()
+    state = load_file(str(src / "model.safetensors"))
+    save_file(tensors(state) if tensors else state, str(dst / "model.safetensors"))
+    raw = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config(raw) if config else raw))
+    return dst
+
+
+def test_draft_missing_a_tensor_is_refused(draft_dir, target, tmp_path):
+    bad = copy_draft(draft_dir, tmp_path / "d", tensors=lambda s: {k: v for k, v in s.items() if k != "norm.weight"})
+    with pytest.raises(ValueError, match=r"model.safetensors: missing tensors \['norm.weight'\]"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_draft_with_renamed_tensor_is_refused(draft_dir, target, tmp_path):
+    def rename(s):
+        s["midlayer.hidden_layernorm.weight"] = s.pop("midlayer.hidden_norm.weight")
+        return s
+    bad = copy_draft(draft_dir, tmp_path / "d", tensors=rename)
+    with pytest.raises(ValueError, match="hidden_norm.*unknown tensors.*hidden_layernorm"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_draft_with_wrong_tensor_shape_is_refused(draft_dir, target, tmp_path):
+    bad = copy_draft(draft_dir, tmp_path / "d", tensors=lambda s: {**s, "fc.weight": s["fc.weight"][:, :-1].contiguous()})
+    with pytest.raises(ValueError, match="'fc.weight' has shape"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_draft_for_other_aux_layers_is_refused(draft_dir, target, tmp_path):
+    def other_layers(raw):
+        raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [2, 3, 4]
+        return raw
+    bad = copy_draft(draft_dir, tmp_path / "d", config=other_layers)
+    with pytest.raises(ValueError, match=r"eagle_aux_hidden_state_layer_ids=\[2, 3, 4\].*\[1, 3, 4\]"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_draft_for_other_target_vocab_is_refused(draft_dir, target, tmp_path):
+    bad = copy_draft(draft_dir, tmp_path / "d", config=lambda raw: {**raw, "vocab_size": 300})
+    with pytest.raises(ValueError, match="vocab_size=300, but the target's vocab has 259"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_draft_config_without_aux_layers_is_refused(draft_dir, target, tmp_path):
+    bad = copy_draft(draft_dir, tmp_path / "d", config=lambda raw: {**raw, "eagle_config": {}})
+    with pytest.raises(ValueError, match="config.json: eagle_config.eagle_aux_hidden_state_layer_ids is None"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_folder_without_draft_is_refused(target, tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_exported_draft(tmp_path, embed_of(target), AUX)
+
+
+def test_evaluate_needs_heldout_conversations(cfg, draft_dir):
+    no_heldout = load_config([TINY], ["data.num_heldout=0"])
+    with pytest.raises(ValueError, match="data.num_heldout=0"):
+        evaluate(no_heldout, draft_dir)
+    with pytest.raises(ValueError, match="depth=0"):
+        evaluate(cfg, draft_dir, depth=0)
+
+
+def test_prompts_end_with_the_assistant_header(cfg):
+    from draftflow.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin:bytes-chatml")
+    for prompt in heldout_prompts(cfg, 3).prompts:
+        assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
