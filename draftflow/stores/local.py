@@ -8,6 +8,7 @@ header so that a rerun of capture skips what is already published.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -23,8 +24,13 @@ REF_KEY = "draftflow.ref"
 class LocalStore:
     scheme = "file"
 
+    # Read buffers kept for reuse: enough for the loader's prefetch depth.
+    max_pooled_buffers = 4
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._buffers: list[torch.Tensor] = []
+        self._lock = threading.Lock()
         self.samples_dir = self.root / "samples"
         self.samples_dir.mkdir(parents=True, exist_ok=True)
 
@@ -55,15 +61,44 @@ class LocalStore:
 
     def get(self, ref: SampleRef) -> Lease:
         path = self.path_of(ref.sample_id)
+        # The data section holds exactly the features (safetensors allows no gaps), so
+        # ref.num_bytes is the buffer a read needs.
+        buffer = self._take_buffer(ref.num_bytes)
         try:
-            tensors, _ = read_sample_file(path)
+            tensors, _ = read_sample_file(path, buffer)
         except FileNotFoundError:
+            self._recycle_buffer(buffer)
             raise StoreError(f"sample {ref.sample_id!r}: {path} does not exist") from None
-        verify_tensors(ref, tensors)
-        return Lease(ref, tensors)
+        except BaseException:
+            self._recycle_buffer(buffer)
+            raise
+        try:
+            verify_tensors(ref, tensors)
+        except BaseException:
+            self._recycle_buffer(buffer)
+            raise
+        return Lease(ref, tensors, buffer=buffer)
+
+    def _take_buffer(self, num_bytes: int) -> torch.Tensor:
+        with self._lock:
+            for i, buf in enumerate(self._buffers):
+                if buf.numel() >= num_bytes:
+                    return self._buffers.pop(i)
+        return torch.empty(num_bytes, dtype=torch.uint8)
+
+    def _recycle_buffer(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._buffers) < self.max_pooled_buffers:
+                self._buffers.append(buffer)
 
     def release(self, lease: Lease) -> None:
-        pass  # a local store retains every sample
+        """Samples are retained; the lease's read buffer goes back to the pool, so the
+        caller must not touch the lease's tensors afterwards."""
+        self._recycle(lease)
+
+    def _recycle(self, lease: Lease) -> None:
+        if lease.buffer is not None:
+            self._recycle_buffer(lease.buffer)
 
     def delete(self, ref: SampleRef) -> None:
         self.path_of(ref.sample_id).unlink(missing_ok=True)

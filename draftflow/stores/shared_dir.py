@@ -168,7 +168,9 @@ class SharedDirStore(LocalStore):
         return super().get(ref)
 
     def release(self, lease: Lease) -> None:
-        """Retain: nothing. Consume-once: mark the sample done, delete its file, count it."""
+        """Retain: recycle the read buffer. Consume-once: also mark the sample done,
+        delete its file and count its bytes."""
+        self._recycle(lease)
         if self.release_policy != "consume_once":
             return
         sample_id = lease.ref.sample_id

@@ -1,0 +1,160 @@
+"""Mooncake store throughput: the zero-copy path against its limits, all in one run.
+
+For one realistic sample (T tokens, hidden H, bf16: aux_hidden [T, 3H] + last_hidden
+[T, H] + ids and mask) this measures, on a real master and segment holder:
+
+- zero-copy: `MooncakeStore.put` / `get` (pool copy, one batch call, checksums);
+- naive: `safetensors.torch.save` -> `put(bytes)` and `get() -> bytes` -> `load`;
+- raw: Mooncake's own `batch_put_from` / `batch_get_into` of the same keys and bytes
+  into the same registered buffer (the floor of any store built on Mooncake);
+- memcpy of the same number of bytes (the host's copy rate, for scale).
+
+Each figure is the median over `repeats` timed rounds after one warm-up round.
+Targets: zero-copy get >= 2.5x naive get, and >= 0.8x raw get_into.
+
+    draftflow bench store --backend mooncake --seq-len 2048 --hidden 4096
+    python benchmarks/bench_store_mooncake.py --tokens 2048 --hidden 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from importlib.metadata import version
+
+import safetensors.torch
+import torch
+
+from draftflow.config import FeaturesConfig, MooncakeConfig
+from draftflow.stores.mooncake import MooncakeStore
+from draftflow.stores.mooncake_service import MooncakeService
+
+
+def make_sample(num_tokens: int, hidden: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 128000, (num_tokens,)),
+            "loss_mask": torch.ones(num_tokens, dtype=torch.uint8),
+            "aux_hidden": torch.randn(num_tokens, 3 * hidden).to(torch.bfloat16),
+            "last_hidden": torch.randn(num_tokens, hidden).to(torch.bfloat16)}
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _round(store: MooncakeStore, naive, x: dict, i: int, num_bytes: int) -> dict[str, float]:
+    """One round of every path; returns seconds per path."""
+    t = {}
+    t["zero_copy_put"], ref = _timed(lambda: store.put(f"b{i}", i, x))
+    t["zero_copy_get"], lease = _timed(lambda: store.get(ref))
+    store.release(lease)
+
+    # Raw Mooncake on the same keys, sizes and registered buffer, with nothing around it.
+    keys = store.feature_keys(ref)
+    sizes = [f.num_bytes for f in ref.features if f.num_bytes]
+    base = store._pool.alloc(num_bytes + 64 * len(sizes), 1.0)
+    ptrs, off = [], base
+    for n in sizes:
+        ptrs.append(store._pool.ptr + off)
+        off += -(-n // 64) * 64
+    t["raw_get_into"], codes = _timed(lambda: store._client.batch_get_into(keys, ptrs, sizes))
+    assert codes == sizes, codes
+    raw_keys = [k + "-raw" for k in keys]
+    t["raw_put_from"], codes = _timed(lambda: store._client.batch_put_from(raw_keys, ptrs, sizes, store._pin))
+    assert all(c == 0 for c in codes), codes
+    store._client.batch_remove(raw_keys, True)
+    store._pool.free(base, num_bytes + 64 * len(sizes))
+    store.delete(ref)
+
+    # Naive: serialize, put bytes, get bytes, deserialize.
+    key = f"{store.run_id}/naive/{i}"
+    def naive_put():
+        rc = naive.put(key, safetensors.torch.save(x), store._pin)
+        assert rc == 0, rc
+    t["naive_put"], _ = _timed(naive_put)
+    t["naive_get"], back = _timed(lambda: safetensors.torch.load(naive.get(key)))
+    assert torch.equal(back["aux_hidden"], x["aux_hidden"])
+    naive.remove(key, True)
+
+    src = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(num_bytes, dtype=torch.uint8).fill_(0)
+    t["memcpy"], _ = _timed(lambda: dst.copy_(src))
+    return t
+
+
+def run_benchmark(num_tokens: int = 2048, hidden: int = 4096, repeats: int = 5) -> dict:
+    """Start a service, time every path `repeats` times; return GB/s figures and ratios."""
+    from mooncake.store import MooncakeDistributedStore
+
+    x = make_sample(num_tokens, hidden)
+    num_bytes = sum(t.numel() * t.element_size() for t in x.values())
+    segment = max(16 << 20, 4 * num_bytes + (16 << 20))
+    with MooncakeService(segment_bytes=segment) as service, tempfile.TemporaryDirectory() as root:
+        mc = MooncakeConfig(master=service.master, metadata_server=service.metadata_server,
+                            buffer_bytes=3 * num_bytes + (4 << 20), full_timeout_s=10.0)
+        store = MooncakeStore(FeaturesConfig(backend="mooncake", root=root, mooncake=mc), run_id="bench")
+        naive = MooncakeDistributedStore()  # put/get of bytes go through a client-local buffer
+        rc = naive.setup("127.0.0.1", service.metadata_server, 0, 2 * num_bytes + (16 << 20), "tcp", "",
+                         service.master)
+        assert rc == 0, rc
+        try:
+            _round(store, naive, x, 0, num_bytes)  # warm-up: connections, page faults
+            rounds = [_round(store, naive, x, i, num_bytes) for i in range(1, repeats + 1)]
+        finally:
+            naive.close()
+            store.close()
+    seconds = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    gbps = {k: num_bytes / s / 1e9 for k, s in seconds.items()}
+    ratios = {
+        "get_vs_naive_get": gbps["zero_copy_get"] / gbps["naive_get"],
+        "put_vs_naive_put": gbps["zero_copy_put"] / gbps["naive_put"],
+        "roundtrip_vs_naive_roundtrip": (seconds["naive_put"] + seconds["naive_get"])
+        / (seconds["zero_copy_put"] + seconds["zero_copy_get"]),
+        "get_vs_raw_get_into": gbps["zero_copy_get"] / gbps["raw_get_into"],
+        "put_vs_raw_put_from": gbps["zero_copy_put"] / gbps["raw_put_from"],
+        "get_vs_memcpy": gbps["zero_copy_get"] / gbps["memcpy"],
+    }
+    return {"sample_bytes": num_bytes, "num_tokens": num_tokens, "hidden": hidden, "repeats": repeats,
+            "gbps": gbps, "seconds": seconds, "ratios": ratios,
+            "targets_met": {"get_vs_naive_get>=2.5": ratios["get_vs_naive_get"] >= 2.5,
+                            "get_vs_raw_get_into>=0.8": ratios["get_vs_raw_get_into"] >= 0.8},
+            "machine": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "cpus": os.cpu_count(), "platform": platform.platform(),
+                        "torch": torch.__version__,
+                        "mooncake": version("mooncake-transfer-engine-non-cuda"),
+                        "transport": "tcp over loopback"}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="bench_store_mooncake.json", help="JSON results file")
+    a = p.parse_args(argv)
+    r = run_benchmark(a.tokens, a.hidden, a.repeats)
+    print_table(r)
+    with open(a.out, "w") as f:
+        json.dump(r, f, indent=2)
+
+
+def print_table(r: dict) -> None:
+    print(f"sample: T={r.get('num_tokens', '?')} H={r.get('hidden', '?')} ({r['sample_bytes'] / 2**20:.1f} MiB), "
+          f"{r['machine']['cpus']} CPUs, {r['machine']['date']}")
+    print(f"{'path':<16}{'GB/s':>8}{'ms':>9}")
+    for k, g in r["gbps"].items():
+        print(f"{k:<16}{g:>8.2f}{r['seconds'][k] * 1e3:>9.1f}")
+    for k, v in r["ratios"].items():
+        print(f"{k:<30}{v:>6.2f}x")
+    print("targets:", ", ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in r["targets_met"].items()))
+
+
+if __name__ == "__main__":
+    main()
