@@ -85,10 +85,11 @@ def read_draft_config(path: Path) -> DraftModelConfig:
         raise ValueError(f"draft config {path}: num_hidden_layers={raw['num_hidden_layers']}, "
                          "an EAGLE3 draft has exactly 1")
 
-    def need(key: str, kind: type, source: dict = raw, where: str = ""):
+    def need(key: str, kind: type | tuple, source: dict = raw, where: str = ""):
         value = source.get(key)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise ValueError(f"draft config {path}: {where}{key} is {value!r}, expected {kind.__name__}")
+            expected = "a number" if isinstance(kind, tuple) else kind.__name__
+            raise ValueError(f"draft config {path}: {where}{key} is {value!r}, expected {expected}")
         return value
 
     eagle = need("eagle_config", dict)
@@ -97,8 +98,10 @@ def read_draft_config(path: Path) -> DraftModelConfig:
         raise ValueError(f"draft config {path}: eagle_config.eagle_aux_hidden_state_layer_ids is "
                          f"{aux_ids!r}, expected 3 layer ids")
     hidden, heads = need("hidden_size", int), need("num_attention_heads", int)
-    rope = {"rope_type": "default", **(raw.get("rope_scaling") or {}),
-            "rope_theta": float(need("rope_theta", (int, float)))}
+    scaling = raw.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ValueError(f"draft config {path}: rope_scaling is {scaling!r}, expected an object or null")
+    rope = {"rope_type": "default", **scaling, "rope_theta": float(need("rope_theta", (int, float)))}
     return DraftModelConfig(
         hidden_size=hidden, intermediate_size=need("intermediate_size", int),
         num_attention_heads=heads, num_key_value_heads=need("num_key_value_heads", int),
@@ -477,6 +480,17 @@ def format_results(results: dict[str, dict]) -> str:
                  f"depth {any_r['depth']}, {any_r['device']} {any_r['dtype']}; fwd: target forwards, "
                  "prefill included; greedy: forwards of plain greedy decoding)")
     return "\n".join(lines)
+
+
+def summary_lines(results: dict[str, dict]) -> list[str]:
+    """Lines for `summary.print_summary(extra_lines=...)`: tau of each draft, in order."""
+    r0 = next(iter(results.values()))
+    taus = " -> ".join(f"{'-' if r['tau'] is None else format(r['tau'], '.2f')} {name}"
+                       for name, r in results.items())
+    lossless = "lossless" if all(r["lossless"] for r in results.values()) else "NOT lossless"
+    return [f"  tau (depth {r0['depth']})      : {taus}",
+            f"                       ({r0['num_prompts']} held-out prompts x {r0['max_new_tokens']} "
+            f"new tokens, {lossless})"]
 
 
 # ---------------------------------------------------------------- before / after training

@@ -36,7 +36,7 @@ from draftflow.stores import build_store
 from draftflow.stores.shared_dir import resolve_release
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import ListRefSource, RefSource
-from draftflow.train.distributed import init_distributed
+from draftflow.train.distributed import barrier, init_distributed
 from draftflow.train.trainer import TargetHead, Trainer, build_draft_config
 from draftflow.train.vocab import build_draft_vocab
 
@@ -112,11 +112,10 @@ def feature_dtype(cfg: Config) -> torch.dtype:
     return dtype
 
 
-def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: list[int], on_ref=None):
+def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: list[int]):
     """Capture every training sample into `store` (skipping published ones)."""
     return capture_features(target, aux_ids, plan.prepared.train, store, cfg.capture,
-                            feature_dtype=feature_dtype(cfg), progress=cfg.train.progress,
-                            **({"on_ref": on_ref} if on_ref is not None else {}))
+                            feature_dtype=feature_dtype(cfg), progress=cfg.train.progress)
 
 
 def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store, source: RefSource,
@@ -142,15 +141,23 @@ def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store
 
 
 def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
+    """Prepare, capture and train in one job. Under torchrun every rank captures its
+    own shard of the samples into the (shared) store, then all train on all of them."""
+    dist = init_distributed(cfg.train.device)
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan)
     store = build_store(cfg.features)
     device, dtype = resolve_device_dtype(cfg.capture)
+    if dist.device.type == "cuda" and device.type == "cuda":
+        device = dist.device  # each rank captures on its own GPU
     target = load_target(cfg.target, device, dtype)
-    refs = produce(cfg, plan, store, target, aux_ids)
+    shard = PreparedData(train=plan.prepared.train[dist.rank::dist.world_size], heldout=[])
+    produce(cfg, DataPlan(shard, plan.draft_ids, plan.tokenizer_hash, plan.data_hash), store, target, aux_ids)
     del target  # free the target before the draft trains
+    barrier()
+    refs = [store.lookup(s.sample_id, s.index) for s in plan.prepared.train]
     result = train_from_refs(cfg, aux_ids, plan.draft_ids, store, ListRefSource(refs), provenance,
                              stop_after=stop_after)
     store.close()

@@ -13,7 +13,7 @@ from draftflow.capture.target import load_target, load_target_head
 from draftflow.config import load_config
 from draftflow.evaluate import (Eagle3Proposer, _TargetRunner, accept_length, evaluate, format_results,
                                 greedy_generate, heldout_prompts, load_exported_draft, read_draft_config,
-                                speculative_decode, speculative_generate, write_json)
+                                speculative_decode, speculative_generate, summary_lines, write_json)
 from draftflow.export import export_draft
 from draftflow.roles import plan_data, target_hf_config
 from draftflow.train.trainer import TargetHead, build_draft, build_draft_config
@@ -171,6 +171,7 @@ def test_random_draft_evaluates_lossless_with_consistent_counts(cfg, draft_dir, 
     out = write_json(result, tmp_path / "sub" / "eval.json")
     assert json.loads(out.read_text())["tau"] == result["tau"]
     assert "tau" in format_results({"random": result})
+    assert "lossless" in summary_lines({"untrained": result, "trained": result})[1]
 
 
 def test_speculative_generate_with_real_draft_matches_greedy(target, draft_dir, prompts):
@@ -238,6 +239,12 @@ def test_draft_for_other_target_vocab_is_refused(draft_dir, target, tmp_path):
 def test_draft_config_without_aux_layers_is_refused(draft_dir, target, tmp_path):
     bad = copy_draft(draft_dir, tmp_path / "d", config=lambda raw: {**raw, "eagle_config": {}})
     with pytest.raises(ValueError, match="config.json: eagle_config.eagle_aux_hidden_state_layer_ids is None"):
+        load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_draft_config_with_non_numeric_rope_theta_is_refused(draft_dir, target, tmp_path):
+    bad = copy_draft(draft_dir, tmp_path / "d", config=lambda raw: {**raw, "rope_theta": "10k"})
+    with pytest.raises(ValueError, match="rope_theta is '10k', expected a number"):
         load_exported_draft(bad, embed_of(target), AUX)
 
 

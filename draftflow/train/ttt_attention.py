@@ -44,9 +44,11 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-# ---- causal kernels: forward returns (out, lse [B, nh, T] float32) -------------------
-# Each kernel's backward takes the output and dout to use for the D = rowsum(dout * out)
-# term, which is what lets the merge below hand in the merged output.
+# ---- causal kernels -----------------------------------------------------------------
+# forward(q, k, v, scale) -> (out, lse [B, nh, T] in float32, state): `state` is whatever
+# else the kernel's backward needs from its forward. backward(dout, q, k, v, out, lse,
+# state, scale) -> (dq, dk, dv) uses the given `out` for the D = rowsum(dout * out) term,
+# which is what lets the merge below hand in the merged output.
 
 def _math_forward(q, k, v, scale):
     """Plain math; for CPU and for tests (float64), where [T, T] is fine."""
@@ -56,10 +58,10 @@ def _math_forward(q, k, v, scale):
     s = s.masked_fill(~causal, float("-inf"))
     lse = torch.logsumexp(_acc(s), dim=-1)
     p = torch.exp(_acc(s) - lse[..., None]).to(q.dtype)
-    return torch.matmul(p, v), lse
+    return torch.matmul(p, v), lse, ()
 
 
-def _math_backward(dout, q, k, v, out, lse, scale):
+def _math_backward(dout, q, k, v, out, lse, state, scale):
     t = q.shape[2]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
@@ -72,24 +74,25 @@ def _math_backward(dout, q, k, v, out, lse, scale):
 
 
 def _flash_cuda_forward(q, k, v, scale):
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-    return out, lse[..., : q.shape[2]]
+    out, lse, *state = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+    # state: cum_seq_q, cum_seq_k, max_q, max_k, philox seed, philox offset, debug mask;
+    # handed back unchanged, as torch's own autograd formula does.
+    return out, lse, tuple(state[:6])
 
 
-def _flash_cuda_backward(dout, q, k, v, out, lse, scale):
-    t = q.shape[2]
-    empty = torch.empty(0, dtype=torch.int64, device=q.device)
-    seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: rng state unused
+def _flash_cuda_backward(dout, q, k, v, out, lse, state, scale):
+    cum_q, cum_k, max_q, max_k, seed, offset = state
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), empty, empty, t, t, 0.0, True,
-        seed, seed, scale=scale)
+        dout.contiguous(), q, k, v, out.contiguous(), lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset,
+        scale=scale)
 
 
 def _flash_cpu_forward(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return out, lse, ()
 
 
-def _flash_cpu_backward(dout, q, k, v, out, lse, scale):
+def _flash_cpu_backward(dout, q, k, v, out, lse, state, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, True, scale=scale)
 
@@ -110,7 +113,7 @@ class _MergedTTTAttention(torch.autograd.Function):
         keys, values = kv[:n], kv[n:]
         fwd, _ = KERNELS[kernel]
         q, k0, v0 = q.contiguous(), keys[0].contiguous(), values[0].contiguous()
-        out0, lse0 = fwd(q, k0, v0, scale)
+        out0, lse0, state = fwd(q, k0, v0, scale)
         # log-weights [B, nh, T, 1 + k]: the whole prefix as one term, then each diagonal key
         logw = torch.cat([_acc(lse0[..., None])] + [_acc((q * k).sum(-1, keepdim=True)) * scale
                                                     for k in keys[1:]], dim=-1)
@@ -119,7 +122,7 @@ class _MergedTTTAttention(torch.autograd.Function):
         for j, v in enumerate(values[1:]):
             out = out + w[..., 1 + j : 2 + j] * _acc(v)
         out = out.to(q.dtype)
-        ctx.kernel, ctx.scale, ctx.n = kernel, scale, n
+        ctx.kernel, ctx.scale, ctx.n, ctx.state = kernel, scale, n, state
         ctx.save_for_backward(q, lse0, w, out, *keys, *values)
         return out
 
@@ -133,7 +136,7 @@ class _MergedTTTAttention(torch.autograd.Function):
         # Prefix: softmax over the union of keys restricted to the prefix is w0 * P0, and the
         # kernel's backward with (out=merged, dout=w0*dout) yields w0 * P0 (dout.v - rowsum(dout*out)).
         dq, dk0, dv0 = bwd((dout_f * w[..., :1]).to(q.dtype), q, keys[0].contiguous(), values[0].contiguous(),
-                           out, lse0, scale)
+                           out, lse0, ctx.state, scale)
         dq = _acc(dq)
         delta = (dout_f * out_f).sum(-1, keepdim=True)
         dkeys, dvalues = [dk0], [dv0]

@@ -1,0 +1,135 @@
+"""FSDP2 for the draft, and sharded (DCP) checkpoints with exact resume.
+
+FSDP2 gathers parameters in hooks around a module's `forward`; the draft is
+driven through `unroll` and `logits`, so the loss runs inside `DraftLoss.forward`
+and the whole draft is sharded as one unit (one decoder layer: nothing to gain
+from finer units). Master weights stay float32 and sharded; compute sees
+bfloat16 copies; gradients are reduced in float32 and summed, not averaged,
+because losses are already normalised by the global count of valid positions.
+
+A sharded checkpoint keeps the layout of `checkpoint.py` (a `step_XXXXXXXX/`
+folder renamed into place, `meta.json` written last) with `dcp/` (model and
+optimizer shards) in place of `optimizer.pt`, a full `model.safetensors` for
+export, and one RNG file per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, list_checkpoints, read_meta, rng_state,
+                                        set_rng_state)
+from draftflow.train.chunked_loss import chunked_ttt_loss
+from draftflow.train.model import Eagle3Draft
+
+LAYOUT = "dcp"
+
+
+class DraftLoss(nn.Module):
+    """The draft's TTT loss as a module forward (see module docstring)."""
+
+    def __init__(self, draft: Eagle3Draft):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, batch, targets, masks, decay: float, denominators: list[float]):
+        return chunked_ttt_loss(self.draft, batch, targets, masks, decay, denominators)
+
+
+def apply_fsdp2(draft: Eagle3Draft, mesh: DeviceMesh | None = None,
+                param_dtype: torch.dtype = torch.bfloat16) -> DraftLoss:
+    """Shard `draft` (already on this rank's device) over `mesh` (default: all ranks)
+    and return the loss module to call. The frozen `embed_tokens` is sharded too
+    but has no gradient, so an optimizer over `requires_grad` parameters keeps no
+    state for it. `param_dtype` float32 is for tests that compare with one process."""
+    if mesh is None:
+        device = next(draft.parameters()).device
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    module = DraftLoss(draft)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # One unit, kept gathered from forward to backward: the draft is one layer, and the
+    # TTT unroll calls it num_steps times per forward.
+    fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    module.set_gradient_divide_factor(1.0)  # sum: losses are already globally normalised
+    if mesh.device_type == "cpu":
+        module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM (NCCL does)
+    return module
+
+
+# ---- sharded checkpoints ------------------------------------------------------------
+
+def _trainable_state(module: DraftLoss, optimizer) -> dict:
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    model_sd = {k: v for k, v in model_sd.items() if not k.removeprefix("draft.").startswith(EXCLUDED)}
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _full_draft_state(module: DraftLoss) -> dict[str, torch.Tensor]:
+    """Unsharded draft weights on CPU (a collective; rank 0 gets the tensors)."""
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("draft."): v.contiguous() for k, v in full.items()
+            if not k.removeprefix("draft.").startswith(EXCLUDED)}
+
+
+def save_sharded_checkpoint(root: Path, step: int, module: DraftLoss, optimizer, scheduler, meta: dict,
+                            keep: int) -> Path:
+    """Every rank calls this; returns the checkpoint folder."""
+    rank = dist.get_rank()
+    root, final = Path(root), Path(root) / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"  # one name for all ranks: they write into it together
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_trainable_state(module, optimizer), checkpoint_id=str(tmp / "dcp"))
+    full = _full_draft_state(module)
+    torch.save(rng_state(), tmp / f"rng.rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        save_file(full, str(tmp / "model.safetensors"))
+        torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
+        meta = {"format_version": CHECKPOINT_VERSION, "step": step, "layout": LAYOUT,
+                "world_size": dist.get_world_size(), **meta}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(ckpt: Path, module: DraftLoss, optimizer, scheduler) -> int:
+    """Restore model shards, optimizer shards, scheduler and this rank's RNG in
+    place (every rank calls this); returns the step to continue from."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    if meta.get("layout") != LAYOUT:
+        raise ValueError(f"{ckpt}: not a sharded checkpoint (meta.json layout {meta.get('layout')!r}, "
+                         f"expected {LAYOUT!r}); it was written by a single-process or CPU run")
+    rng_file = ckpt / f"rng.rank{dist.get_rank()}.pt"
+    if not rng_file.is_file():
+        raise ValueError(f"{ckpt}: no {rng_file.name}; it was written by {meta.get('world_size')} ranks, "
+                         f"this run has {dist.get_world_size()}")
+    state = _trainable_state(module, optimizer)
+    dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
+    scheduler.load_state_dict(trainer["scheduler"])
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return int(trainer["step"])

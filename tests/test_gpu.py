@@ -1,0 +1,164 @@
+"""FSDP2 training of the draft across ranks (torchrun in a subprocess).
+
+The CUDA test (2 GPUs, NCCL, bf16) is skipped without them; the same worker
+runs on CPU with gloo, in float32, where it must match one process exactly
+enough to catch a gradient that is averaged instead of summed, and where resume
+from a sharded checkpoint must reproduce the uninterrupted losses bit for bit.
+
+This file is also the worker: `torchrun --nproc_per_node 2 tests/test_gpu.py DEVICE OUT_JSON`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_STEPS, RESUME_AT, NUM_TTT = 6, 3, 3
+
+
+def tiny_draft(device: str):
+    from draftflow.train.model import DraftModelConfig, Eagle3Draft
+    cfg = DraftModelConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, vocab_size=96, draft_vocab_size=64, target_hidden_size=64,
+                           rms_norm_eps=1e-6, max_position_embeddings=256, aux_layer_ids=(0, 1, 2))
+    torch.manual_seed(0)
+    draft = Eagle3Draft(cfg)
+    draft.d2t.fill_(8)  # draft id i is target id i + 8
+    draft.t2d[8:72] = True
+    return draft.to(device)
+
+
+def tiny_teacher(device: str):
+    from draftflow.train.loss import Teacher
+    g = torch.Generator().manual_seed(1)
+    return Teacher(torch.randn(96, 64, generator=g) * 0.5, torch.arange(8, 72)).to(device)
+
+
+def rank_batch(rank: int, device: str):
+    """A fixed sample per rank (so the loss can fall by fitting it)."""
+    from draftflow.train.batches import collate
+    g = torch.Generator().manual_seed(100 + rank)
+    t = 48 + 8 * rank
+    sample = {"input_ids": torch.randint(0, 96, (t,), generator=g), "loss_mask": torch.ones(t, dtype=torch.uint8),
+              "aux_hidden": torch.randn(t, 192, generator=g), "last_hidden": torch.randn(t, 64, generator=g)}
+    return collate([sample], [f"s{rank}"]).to(torch.device(device))
+
+
+def train_steps(module, draft, teacher, batches, optimizer, scheduler, steps, reduce_sum) -> list[float]:
+    """The trainer's step: global valid counts, backward per micro-batch, clip, AdamW."""
+    from draftflow.train.chunked_loss import chunked_targets
+    from draftflow.train.loss import step_masks
+    params = [p for p in draft.parameters() if p.requires_grad]
+    losses = []
+    for _ in range(steps):
+        targets = [chunked_targets(teacher, b.last_hidden) for b in batches]
+        masks = [step_masks(b.loss_mask, b.lengths, tg, NUM_TTT) for b, tg in zip(batches, targets)]
+        counts = reduce_sum(torch.stack([torch.stack([m.sum() for m in ms]) for ms in masks]).sum(0).float())
+        total = torch.zeros((), device=counts.device)
+        for b, tg, ms in zip(batches, targets, masks):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=counts.is_cuda):
+                loss, _ = module(b, tg, ms, 0.8, counts.tolist())
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(reduce_sum(total)))
+    return losses
+
+
+def make_optimizer(draft):
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+
+
+def worker(device: str, out_json: str) -> None:
+    import torch.distributed as dist
+    from draftflow.train.distributed import all_reduce_sum, init_distributed, shutdown
+    from draftflow.train.parallelize import apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
+    info = init_distributed(device)
+    dev = str(info.device)
+    dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
+    ckpt_root = Path(out_json).parent / "checkpoints"
+
+    def fresh():
+        draft = tiny_draft(dev)
+        module = apply_fsdp2(draft, param_dtype=dtype)
+        return draft, module, *make_optimizer(draft)
+
+    batches, teacher = [rank_batch(info.rank, dev)], tiny_teacher(dev)
+    draft, module, opt, sched = fresh()
+    first = train_steps(module, draft, teacher, batches, opt, sched, RESUME_AT, all_reduce_sum)
+    ckpt = save_sharded_checkpoint(ckpt_root, RESUME_AT, module, opt, sched, {"test": True}, keep=2)
+    rest = train_steps(module, draft, teacher, batches, opt, sched, NUM_STEPS - RESUME_AT, all_reduce_sum)
+    draft, module, opt, sched = fresh()
+    step = load_sharded_checkpoint(ckpt, module, opt, sched)
+    resumed = train_steps(module, draft, teacher, batches, opt, sched, NUM_STEPS - step, all_reduce_sum)
+    embed_state = [k for k in opt.state_dict()["state"]]  # only trainable params carry state
+    if info.rank == 0:
+        Path(out_json).write_text(json.dumps({"losses": first + rest, "resumed": resumed, "resume_step": step,
+                                              "world_size": dist.get_world_size(), "num_states": len(embed_state),
+                                              "num_trainable": sum(p.requires_grad for p in draft.parameters()),
+                                              "checkpoint_files": sorted(p.name for p in ckpt.iterdir())}))
+    shutdown()
+
+
+def run_workers(device: str, tmp: Path) -> dict:
+    out = tmp / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).resolve()), device, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def single_process_losses() -> list[float]:
+    """Both ranks' samples as micro-batches of one process: what FSDP2 must reproduce."""
+    draft, teacher = tiny_draft("cpu"), tiny_teacher("cpu")
+    from draftflow.train.parallelize import DraftLoss
+    opt, sched = make_optimizer(draft)
+    return train_steps(DraftLoss(draft), draft, teacher, [rank_batch(0, "cpu"), rank_batch(1, "cpu")], opt, sched,
+                       NUM_STEPS, lambda t: t)
+
+
+def check_result(res: dict, exact_resume: bool) -> None:
+    losses = res["losses"]
+    assert res["world_size"] == 2 and len(losses) == NUM_STEPS
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert res["num_states"] == res["num_trainable"]  # nothing for the frozen embedding
+    assert {"dcp", "model.safetensors", "meta.json", "trainer.pt", "rng.rank0.pt", "rng.rank1.pt"} <= set(
+        res["checkpoint_files"])
+    if exact_resume:
+        assert res["resumed"] == losses[RESUME_AT:]
+    else:
+        torch.testing.assert_close(torch.tensor(res["resumed"]), torch.tensor(losses[RESUME_AT:]), rtol=2e-2, atol=0)
+
+
+def test_fsdp2_on_two_cpu_ranks_matches_one_process_and_resumes_exactly():
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_workers("cpu", Path(tmp))
+    check_result(res, exact_resume=True)
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(single_process_losses()),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp2_on_two_gpus_trains_with_falling_finite_loss_and_resumes():
+    with tempfile.TemporaryDirectory() as tmp:
+        check_result(run_workers("cuda", Path(tmp)), exact_resume=False)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])
