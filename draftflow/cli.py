@@ -29,6 +29,9 @@ def cmd_train(args) -> int:
     result = run_role(cfg, args.role)
     if result.final_dir is not None:
         print_summary(cfg, result)
+    elif args.role == "producer":
+        print(f"producer: published {result.num_samples} samples ({result.num_tokens} tokens) to "
+              f"{cfg.features.backend} store at {cfg.features.root}; manifest sealed")
     return 0
 
 
@@ -128,6 +131,18 @@ def cmd_store_serve(args) -> int:
     return serve(cfg.features, args.config_out, args.host) or 0
 
 
+def cmd_evaluate(args) -> int:
+    from draftflow.evaluate import evaluate, format_results, write_json
+
+    cfg = _config(args)
+    result = evaluate(cfg, args.draft, depth=args.depth, max_new_tokens=args.max_new_tokens,
+                      num_prompts=args.num_prompts)
+    print(format_results({Path(args.draft).name: result}))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.backend == "shared_dir":
         from draftflow.bench.store_shared_dir import print_table, run_store_benchmark
@@ -199,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config-out", help="write the client config snippet here")
             p.add_argument("--host", default="127.0.0.1", help="address to serve on")
         p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("evaluate", help="acceptance length (tau) of an exported draft with its real target")
+    _add_config_args(p)
+    p.add_argument("--draft", required=True, help="exported draft folder (config.json + model.safetensors)")
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.add_argument("--depth", type=int, default=5, help="chain draft length per round")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=16, help="held-out prompts (data.num_heldout)")
+    p.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="benchmarks against their same-run physical limits")
     bench_sub = bench.add_subparsers(dest="what", required=True)

@@ -25,6 +25,11 @@ def run_demo(out: str, overrides: list[str]) -> int:
     cfg = load_config([demo_config_path()],
                       [f"features.root={out_dir / 'features'}", f"train.output_dir={out_dir / 'run'}",
                        *overrides])
+    from draftflow.evaluate import evaluate_before_after, summary_lines, write_json
+
     result = run_colocated(cfg)
-    print_summary(cfg, result)
+    # tau with the real target on held-out prompts, for the untrained and the trained draft
+    taus = evaluate_before_after(cfg, result, depth=5, max_new_tokens=48, num_prompts=8)
+    write_json(taus, out_dir / "evaluate.json")
+    print_summary(cfg, result, extra_lines=summary_lines(taus))
     return 0

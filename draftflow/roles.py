@@ -10,6 +10,7 @@ One function per stage, shared by every role:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from draftflow.capture.target import (LoadedTarget, config_hash, load_target, lo
 from draftflow.config import Config
 from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
                                         wait_for_header)
+from draftflow.control.claims import ClaimBook, default_owner
 from draftflow.control.signing import load_secret
 from draftflow.control.sources import ClaimingRefSource, ManifestRefSource
 from draftflow.data.prepare import PreparedData, data_hash, prepare_dataset
@@ -137,7 +139,7 @@ def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store
     if dist.is_main and last is not None and stop_after is None:
         final = export_draft(ckpt.load_model_state(last), model_cfg, out / "final")
     return RunResult(output_dir=out, final_dir=final, checkpoint=last,
-                     num_samples=source.num_samples, num_tokens=0)
+                     num_samples=source.num_samples, num_tokens=source.num_tokens)
 
 
 def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
@@ -281,7 +283,9 @@ def consumer_provenance(cfg: Config, header: ManifestHeader) -> Provenance:
     tok = load_tokenizer(tokenizer_spec(cfg))
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     produced = header.provenance
-    return Provenance(target=produced.target, target_config_hash=config_hash(hf_config),
+    # A random target is defined by its config and seed: compare its identity too.
+    target = target_identity(cfg) if cfg.target.random is not None else produced.target
+    return Provenance(target=target, target_config_hash=config_hash(hf_config),
                       tokenizer_hash=tokenizer_hash(tok), hidden_size=hf_config.hidden_size,
                       vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),
                       feature_dtype=cfg.features.dtype, data_hash=produced.data_hash,
@@ -296,9 +300,11 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
     reader = ManifestReader(control_dir(cfg), secret)
     expected = consumer_provenance(cfg, reader.header)
     check_provenance(reader.header, expected)
-    store = build_store(cfg.features)
+    # The manifest decides the release policy: every consumer of a run must agree on it.
+    store = build_store(dataclasses.replace(cfg.features, release=reader.header.release))
     if reader.header.release == "consume_once":
-        source = ClaimingRefSource(reader, store, cfg.features.wait_timeout_s)
+        claims = ClaimBook(control_dir(cfg), default_owner(), cfg.features.claim_timeout_s)
+        source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s)
     else:
         source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
     try:

@@ -24,7 +24,7 @@ AUX = [1, 3, 4]  # the EAGLE3 default for the tiny 8-layer target
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config([TINY], ["train.progress=false"])
+    return load_config([TINY], ["train.progress=false", "capture.device=cpu"])
 
 
 @pytest.fixture(scope="module")

@@ -150,10 +150,12 @@ def test_get_detects_corrupted_bytes(open_store):
     assert store._pool._free == [(0, store._pool.num_bytes)]  # the failed get gave its range back
 
 
-def test_consume_once_release_removes_the_sample(open_store):
+def test_consume_once_delete_after_training_removes_the_sample(open_store):
     store = open_store(release="consume_once")
     ref = store.put("c0", 0, sample())
     store.release(store.get(ref))
+    assert store.lookup("c0", 0) == ref  # released but not yet trained: still there
+    store.delete(ref)  # what the consume-once ref source does after the step
     assert store.lookup("c0", 0) is None
     with pytest.raises(SampleMissingError, match="'c0'.*OBJECT_NOT_FOUND"):
         store.get(ref)
@@ -180,7 +182,11 @@ def test_full_store_blocks_then_errors_instead_of_evicting(open_store):
 
     # A consumer that frees room unblocks a waiting producer.
     producer.full_timeout_s = 20.0
-    timer = threading.Timer(0.5, lambda: consumer.release(consumer.get(refs[0])))
+    def consume_first():
+        consumer.release(consumer.get(refs[0]))
+        consumer.delete(refs[0])
+
+    timer = threading.Timer(0.5, consume_first)
     start = time.monotonic()
     timer.start()
     late = producer.put("late", 999, big)

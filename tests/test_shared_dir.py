@@ -71,7 +71,7 @@ def test_sample_id_escaping_the_root_is_refused(tmp_path):
     with pytest.raises(ValueError, match="invalid sample id '../x'"):
         store.put("../x", 0, tensors(0))
     with pytest.raises(ValueError, match="invalid sample id '../x'"):
-        store.claims.try_claim("../x")
+        ClaimBook(store.control_dir, "me", 60).try_claim("../x")
 
 
 def test_unknown_release_policy_is_refused(tmp_path):
@@ -137,16 +137,20 @@ _CONSUMER = """
 import json, sys
 from draftflow.config import FeaturesConfig
 from draftflow.control.manifest import ManifestReader
+from draftflow.control.claims import ClaimBook, default_owner
 from draftflow.stores.shared_dir import SharedDirStore
 root, out = sys.argv[1], sys.argv[2]
 store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=root, release="consume_once"))
+claims = ClaimBook(store.control_dir, default_owner(), 60)
 got = []
 open(out + ".ready", "w").close()  # imports done: both consumers race from here
 for ref in ManifestReader(store.control_dir, b"store-secret").follow(timeout_s=30, poll_s=0.01):
-    if store.try_claim(ref):
+    if claims.try_claim(ref.sample_id):
         lease = store.get(ref)
         got.append(ref.sample_id)
         store.release(lease)
+        claims.done(ref.sample_id)
+        store.delete(ref)
 json.dump(got, open(out, "w"))
 """
 
@@ -231,17 +235,19 @@ def test_stalled_owner_learns_its_claim_was_stolen(tmp_path):
     assert slow.held() == {"s1"}
 
 
-def test_done_requires_a_held_claim_and_consume_once_get_requires_claim(tmp_path):
+def test_done_requires_a_held_claim_and_delete_frees_the_sample(tmp_path):
     store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    claims = ClaimBook(store.control_dir, "me", 60)
     ref = store.put("s0", 0, tensors(0))
-    with pytest.raises(StoreError, match="read without a claim"):
-        store.get(ref)
     with pytest.raises(ValueError, match="not claimed by"):
-        store.claims.done("s0")
-    assert store.try_claim(ref)
+        claims.done("s0")
+    assert claims.try_claim("s0")
     store.release(store.get(ref))
-    assert not store.path_of("s0").exists() and store.claims.is_done("s0")
-    assert not store.try_claim(ref)
+    assert store.path_of("s0").exists()  # a release alone frees nothing
+    claims.done("s0")
+    store.delete(ref)
+    assert not store.path_of("s0").exists() and claims.is_done("s0")
+    assert not claims.try_claim("s0")
 
 
 # ------------------------------------------------------------------ back-pressure
@@ -255,8 +261,8 @@ def test_back_pressure_blocks_producer_until_a_consumer_releases(tmp_path):
     def consume_one_later():
         time.sleep(0.4)
         consumer = SharedDirStore(cfg(tmp_path, release="consume_once"))
-        assert consumer.try_claim(refs[0])
         consumer.release(consumer.get(refs[0]))
+        consumer.delete(refs[0])
 
     thread = threading.Thread(target=consume_one_later)
     thread.start()
@@ -296,8 +302,9 @@ def test_gc_removes_stale_claims_consumed_samples_and_whole_store(tmp_path):
     store = SharedDirStore(cfg(tmp_path, release="consume_once"))
     refs = [store.put(f"s{i}", i, tensors(i)) for i in range(3)]
     assert ClaimBook(store.control_dir, "dead", 0.1).try_claim("s1")
-    assert store.try_claim(refs[2])
-    store.claims.done("s2")  # trained, but its file not yet freed
+    mine = ClaimBook(store.control_dir, "me", 60)
+    assert mine.try_claim("s2")
+    mine.done("s2")  # trained, but its file not yet freed
     assert gc_store(tmp_path, ["claims"], claim_timeout_s=3600) == {"claims": 0}
     time.sleep(0.15)
     assert gc_store(tmp_path, ["claims", "consumed"], claim_timeout_s=0.1) == {"claims": 1, "consumed": 1}

@@ -80,3 +80,17 @@ def test_unknown_kernel_is_refused_with_the_choices():
     q, keys, values = inputs(1)
     with pytest.raises(ValueError, match="kernel 'triton' unknown.*flash_cuda"):
         ttt_attention(q, keys, values, SCALE, kernel="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_merge_on_cuda_matches_float32_reference():
+    g = torch.Generator().manual_seed(0)
+    q, *kv = [torch.randn(1, 4, 300, 64, generator=g).cuda().bfloat16().requires_grad_(True) for _ in range(7)]
+    weight = torch.randn(1, 4, 300, 64, generator=g).cuda()
+    got = ttt_attention(q, kv[:3], kv[3:], 0.125)
+    got_grads = torch.autograd.grad((got.float() * weight).sum(), [q, *kv])
+    ref_in = [x.detach().float().requires_grad_(True) for x in (q, *kv)]
+    ref = reference_ttt_attention(ref_in[0], ref_in[1:4], ref_in[4:], 0.125)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), ref_in)
+    for a, b in zip((got, *got_grads), (ref, *ref_grads)):
+        assert float((a.detach().float() - b.detach()).norm() / b.detach().norm()) < 2e-2

@@ -11,11 +11,15 @@ Offline and streaming differ only here (and in the store's release policy):
 
 from __future__ import annotations
 
+import logging
 import time
 
+from draftflow.control.claims import ClaimBook
 from draftflow.control.manifest import ManifestReader
 from draftflow.records import SampleRef
 from draftflow.train.batches import EndOfStream
+
+log = logging.getLogger("draftflow.sources")
 
 
 class ManifestRefSource:
@@ -35,40 +39,78 @@ class ManifestRefSource:
             self._refs[ref.index] = ref
         return self._refs[index]
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_tokens for r in self._refs.values())
+
 
 class ClaimingRefSource:
-    """Arrival-order refs, claimed through the store (`try_claim`). After the run is
-    sealed, samples still claimed by others are retried until they are done or their
-    claim goes stale (a crashed consumer) and can be taken over."""
+    """Arrival-order refs, each claimed (`ClaimBook` under the control directory) so
+    that no two consumers, or ranks, train the same sample. A sample is marked done and
+    its data freed only by `trained`, after the optimizer step that used it, so a
+    consumer that dies mid-step loses nothing: its claims go stale and are taken over.
+    After the run is sealed, samples still claimed by others are retried until they
+    are done or their claim goes stale."""
 
-    def __init__(self, reader: ManifestReader, store, timeout_s: float, poll_s: float = 0.2):
+    def __init__(self, reader: ManifestReader, store, claims: ClaimBook, timeout_s: float,
+                 poll_s: float = 0.2):
         self.num_samples = reader.header.num_samples
-        self._reader, self._store, self._timeout_s, self._poll_s = reader, store, timeout_s, poll_s
+        self._store, self._claims, self._timeout_s, self._poll_s = store, claims, timeout_s, poll_s
         self._follow = reader.follow(timeout_s)
         self._skipped: list[SampleRef] = []
-        self.num_claimed = 0
+        self._handed: dict[str, SampleRef] = {}
+        self._last_renew = time.monotonic()
+        self.num_tokens = 0
 
     def resolve(self, index: int) -> SampleRef:  # the index is ignored: arrival order
+        self._renew_if_due()
         for ref in self._follow:
-            if self._store.try_claim(ref):
-                self.num_claimed += 1
+            if self._claim(ref):
                 return ref
             self._skipped.append(ref)
         return self._sweep()
 
+    def _claim(self, ref: SampleRef) -> bool:
+        if not self._claims.try_claim(ref.sample_id):
+            return False
+        self._handed[ref.sample_id] = ref
+        self.num_tokens += ref.num_tokens
+        return True
+
+    def trained(self, sample_ids) -> None:
+        """Mark samples trained and free their data (consume-once)."""
+        for sample_id in sample_ids:
+            ref = self._handed.pop(sample_id)
+            try:
+                self._claims.done(sample_id)
+            except ValueError:
+                # Our claim went stale and another consumer took the sample over: it may
+                # be trained twice, but it is never lost. Leave its data to the new owner.
+                log.warning("claim on %s was taken over by another consumer", sample_id)
+                continue
+            self._store.delete(ref)
+        self._renew_if_due()
+
+    def _renew_if_due(self) -> None:
+        # Heartbeats, a few per claim timeout, so a consumer that keeps training never
+        # looks dead to the others.
+        if time.monotonic() - self._last_renew > self._claims.claim_timeout_s / 4:
+            self._last_renew = time.monotonic()
+            for sample_id in self._claims.renew_all():
+                log.warning("claim on %s was taken over by another consumer", sample_id)
+
     def _sweep(self) -> SampleRef:
         deadline = time.monotonic() + self._timeout_s
         while self._skipped:
-            claims = self._store.claims
-            self._skipped = [r for r in self._skipped if not claims.is_done(r.sample_id)]
+            self._skipped = [r for r in self._skipped if not self._claims.is_done(r.sample_id)]
             for i, ref in enumerate(self._skipped):
-                if self._store.try_claim(ref):
+                if self._claim(ref):
                     del self._skipped[i]
-                    self.num_claimed += 1
                     return ref
             if self._skipped:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{len(self._skipped)} sample(s) stayed claimed by other consumers "
                                        f"for {self._timeout_s:g} s without being trained")
                 time.sleep(self._poll_s)
+                self._renew_if_due()
         raise EndOfStream

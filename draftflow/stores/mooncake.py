@@ -348,16 +348,13 @@ class MooncakeStore:
         return lease
 
     def release(self, lease: Lease) -> None:
-        """Done with `lease`: its buffer range is reused; consume-once also removes the sample."""
+        """Done with `lease`: its buffer range is reused. (Consume-once removal happens
+        through `delete`, called once the step that trained the sample is done.)"""
         with self._lock:
             entry = self._leases.pop(id(lease), None)
         if entry is None or entry[0] is not lease:
             raise StoreError(f"sample {lease.ref.sample_id!r}: lease not from this store or released twice")
-        try:
-            if self.release_policy == "consume_once":
-                self.delete(lease.ref)
-        finally:
-            self._pool.free(entry[1], entry[2])
+        self._pool.free(entry[1], entry[2])
 
     def delete(self, ref: SampleRef) -> None:
         """Remove a sample's features and its ref key (missing ones are fine)."""

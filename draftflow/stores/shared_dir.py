@@ -3,9 +3,10 @@
 The file format, atomic publish (temp file, fsync, rename) and checksum-verified
 reads are `LocalStore`'s; this class adds what sharing needs:
 
-- release policy. `retain` keeps every sample for further epochs. `consume_once`
-  hands each sample to exactly one consumer (claims in `control/claims/`, see
-  `draftflow.control.claims`) and deletes its file once trained.
+- release policy (recorded in the manifest). `retain` keeps every sample for further
+  epochs. In `consume_once` runs the consumer's ref source hands each sample to exactly
+  one consumer (claims in `control/claims/`, see `draftflow.control.sources`) and,
+  once the step that trained it is done, calls `delete`, which frees the file.
 - back-pressure for consume-once runs: the producer calls `wait_for_room` before a
   put and blocks while published-but-unconsumed bytes exceed
   `features.max_inflight_bytes`.
@@ -28,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from draftflow.control.claims import ClaimBook, default_owner
+from draftflow.control.claims import default_owner
 from draftflow.records import SampleRef
 from draftflow.stores.base import Lease, StoreError
 from draftflow.stores.local import LocalStore
@@ -82,11 +83,9 @@ class SharedDirStore(LocalStore):
         self.max_inflight_bytes = features_cfg.max_inflight_bytes
         self.wait_timeout_s = features_cfg.wait_timeout_s
         self.owner = owner or default_owner()
-        self.claims = ClaimBook(self.control_dir, self.owner, features_cfg.claim_timeout_s)
         self._published: _Counter | None = None  # opened on the first put: producers only
         self._consumed: _Counter | None = None  # opened on the first release: consumers only
         self._consumed_seen: dict[str, int] = {}  # last good value of each consumer's counter
-        self._last_renew = time.monotonic()
 
     # ------------------------------------------------------------ producer side
 
@@ -140,42 +139,12 @@ class SharedDirStore(LocalStore):
             time.sleep(poll_s)
 
     # ------------------------------------------------------------ consumer side
-
-    def try_claim(self, ref: SampleRef) -> bool:
-        """Consume-once: claim `ref` for this consumer (always True when retaining)."""
-        if self.release_policy != "consume_once":
-            return True
-        self._renew_if_due()
-        return self.claims.try_claim(ref.sample_id)
-
-    def renew_claims(self) -> list[str]:
-        """Heartbeat this consumer's claims; returns sample ids lost to another consumer."""
-        self._last_renew = time.monotonic()
-        return self.claims.renew_all()
-
-    def _renew_if_due(self) -> None:
-        # Heartbeats ride on store calls, a few per claim timeout, so a consumer that
-        # keeps training never looks dead; a long pause elsewhere should call renew_claims.
-        if time.monotonic() - self._last_renew > self.claims.claim_timeout_s / 4:
-            self.renew_claims()
-
-    def get(self, ref: SampleRef) -> Lease:
-        if self.release_policy == "consume_once":
-            if ref.sample_id not in self.claims.held():
-                raise StoreError(f"sample {ref.sample_id!r}: consume-once store read without a claim "
-                                 f"by {self.owner}; call try_claim(ref) first")
-            self._renew_if_due()
-        return super().get(ref)
-
-    def release(self, lease: Lease) -> None:
-        """Retain: recycle the read buffer. Consume-once: also mark the sample done,
-        delete its file and count its bytes."""
-        self._recycle(lease)
-        if self.release_policy != "consume_once":
-            return
-        sample_id = lease.ref.sample_id
-        self.claims.done(sample_id)  # first: a crash after this never re-serves the sample
-        self.delete(lease.ref)
-        if self._consumed is None:
-            self._consumed = _Counter(self.progress_dir / _counter_name(self.owner))
-        self._consumed.add(lease.ref.num_bytes)
+    def delete(self, ref: SampleRef) -> None:
+        """Free a sample's file and count its bytes as consumed (back-pressure)."""
+        path = self.path_of(ref.sample_id)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        if existed:
+            if self._consumed is None:
+                self._consumed = _Counter(self.progress_dir / _counter_name(self.owner))
+            self._consumed.add(ref.num_bytes)

@@ -74,6 +74,7 @@ class ListRefSource:
         if [r.index for r in self.refs] != list(range(len(self.refs))):
             raise ValueError("refs must cover sample indices 0..N-1 exactly once")
         self.num_samples = len(self.refs)
+        self.num_tokens = sum(r.num_tokens for r in self.refs)
 
     def resolve(self, index: int) -> SampleRef:
         return self.refs[index]

@@ -111,15 +111,23 @@ class Trainer:
         batches = [b.to(self.dist.device) for b in batches]
         targets = [self.teacher(b.last_hidden) for b in batches]
         masks = [step_masks(b.loss_mask, b.lengths, t, k_steps) for b, t in zip(batches, targets)]
-        counts = torch.stack([torch.stack([m.sum() for m in ms]) for ms in masks]).sum(0).float()
+        counts = torch.zeros(k_steps, device=self.dist.device)
+        for ms in masks:
+            counts += torch.stack([m.sum() for m in ms]).float()
         counts = all_reduce_sum(counts).tolist()
-        sums: dict[str, torch.Tensor] = {}
+        # Fixed metric names, so ranks with no data this step (the end of a consume-once
+        # stream) still join every collective with zeros.
+        sums = {f"{name}_{k}": torch.zeros((), device=self.dist.device)
+                for name in ("ploss", "acc", "accept") for k in range(k_steps)}
         for batch, tgt, ms in zip(batches, targets, masks):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 loss, part = ttt_loss(self.draft, batch, tgt, ms, decay, counts)
             loss.backward()
             for name, v in part.items():
-                sums[name] = sums.get(name, 0) + v
+                sums[name] = sums[name] + v
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         all_reduce_grads(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
         self.optimizer.step()
@@ -145,10 +153,11 @@ class Trainer:
         with open(self.output_dir / f"samples.rank{self.dist.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "samples": ids}) + "\n")
 
-    def _all_have_data(self, have: bool) -> bool:
-        """Every rank must agree to take a step, or the collectives would hang."""
+    def _any_has_data(self, have: bool) -> bool:
+        """Ranks step together while any has data (the others contribute zeros), so
+        no rank's tail is dropped and no collective hangs."""
         flag = torch.tensor([1.0 if have else 0.0], device=self.dist.device)
-        return bool(all_reduce_sum(flag).item() == self.dist.world_size)
+        return bool(all_reduce_sum(flag).item() > 0)
 
     def check_ref(self, ref) -> None:
         """Refuse features that cannot belong to this draft before reading them."""
@@ -189,14 +198,18 @@ class Trainer:
         last = None
         try:
             t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
+            record, done = None, start
             for step in range(start, end):
                 batches = loader.next(step)
-                if not self._all_have_data(bool(batches)):
-                    end = step  # a consume-once stream ran out: finish here
+                if not self._any_has_data(bool(batches)):
+                    end = step  # a consume-once stream ran out on every rank: finish here
                     break
                 tokens += sum(b.num_tokens for b in batches)
                 self._log_samples(step + 1, batches)
                 record = self.train_step(batches)
+                trained = getattr(self.source, "trained", None)
+                if trained is not None:  # consume-once: free what this step trained
+                    trained([sid for b in batches for sid in b.sample_ids])
                 done = step + 1
                 if done % self.tc.log_every == 0 or done == end:
                     now = time.perf_counter()
@@ -208,9 +221,13 @@ class Trainer:
                     logger.log({"step": done, **{k: v for k, v in record.items() if k != "step"}})
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record.get('acc_0', 0):.2f}")
                     t_prev, wait_prev, tokens = now, loader.wait_s, 0
+                    record = None
                 bar.update(1)
                 if self.tc.save_every and done % self.tc.save_every == 0 and done != end:
                     last = self.save(done)
+            if record is not None:  # the stream ended between two logging steps
+                logger.log({"step": done, **record, "lr": self.scheduler.get_last_lr()[0],
+                            "epoch": self.order.epoch_of(done)})
             if end > start or not ckpt.list_checkpoints(self.output_dir / "checkpoints"):
                 last = self.save(end)
             else:

@@ -1,0 +1,214 @@
+"""Draft training throughput and MFU on GPU, on random features.
+
+One optimizer step is the trainer's: chunked teacher, step masks, TTT loss with
+fused TTT attention and chunked draft head (`DraftLoss`, FSDP2 under torchrun),
+backward, clipping, AdamW. MFU is against the card's bf16 matmul rate measured
+in the same run.
+
+    python benchmarks/bench_train_gpu.py --out bench.json              # one GPU, 2k/8k/32k
+    torchrun --nproc_per_node 2 benchmarks/bench_train_gpu.py --seqs 8192 --out scale2.json
+    python benchmarks/bench_train_gpu.py --small --out smoke.json      # CPU smoke test
+
+FLOPs per token: each TTT step runs q/k/v/o, the MLP and the draft lm_head plus
+causal attention over a mean prefix of T/2, three times (forward and backward);
+the fc runs once per token (three times, it is trained) and the frozen target
+lm_head once (forward only). Recomputation (checkpointed draft head) is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from draftflow.train import model as model_mod
+from draftflow.train.batches import collate
+from draftflow.train.chunked_loss import chunked_targets
+from draftflow.train.distributed import all_reduce_sum, init_distributed, shutdown
+from draftflow.train.loss import Teacher, step_masks
+from draftflow.train.model import Attention, DraftModelConfig, Eagle3Draft
+from draftflow.train.parallelize import DraftLoss, apply_fsdp2
+from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
+
+LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                  head_dim=128, vocab_size=128256, draft_vocab_size=32000, target_hidden_size=4096)
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             vocab_size=512, draft_vocab_size=128, target_hidden_size=64)
+TTT_STEPS = 7
+
+
+class FusedTTTAttention(Attention):
+    """Stand-in until model.py's attend_ttt calls ttt_attention itself (same math)."""
+
+    def attend_ttt(self, q, keys, values):
+        out = ttt_attention(q, keys, values, self.hd ** -0.5)
+        b, nh, t, hd = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, nh * hd))
+
+
+def build(shape: dict, device: torch.device):
+    cfg = DraftModelConfig(**shape, rms_norm_eps=1e-5, max_position_embeddings=131072, aux_layer_ids=(1, 15, 28),
+                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    torch.manual_seed(0)
+    draft = Eagle3Draft(cfg)
+    patched = hasattr(model_mod, "ttt_attention")
+    if not patched:
+        fused = FusedTTTAttention(cfg)
+        fused.load_state_dict(draft.midlayer.self_attn.state_dict())
+        draft.midlayer.self_attn = fused
+    draft.t2d[: cfg.draft_vocab_size] = True  # draft vocab = the first Vd target ids (d2t stays 0)
+    draft = draft.to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = Teacher(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02,
+                      torch.arange(cfg.draft_vocab_size)).to(device)
+    return cfg, draft, teacher, ("model.py" if patched else "benchmark stand-in")
+
+
+def random_batch(cfg: DraftModelConfig, t: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h = cfg.target_hidden_size
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sample = {"input_ids": torch.randint(0, cfg.vocab_size, (t,), generator=g),
+              "loss_mask": torch.ones(t, dtype=torch.uint8),
+              "aux_hidden": torch.randn(t, 3 * h, generator=g).to(dtype),
+              "last_hidden": torch.randn(t, h, generator=g).to(dtype)}
+    return collate([sample], ["bench"]).to(device)
+
+
+def flops_per_token(cfg: DraftModelConfig, t: int, num_steps: int = TTT_STEPS) -> float:
+    h, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    matmul = 2 * (2 * h * nh * hd + 2 * 2 * h * nkv * hd + nh * hd * h + 3 * h * cfg.intermediate_size
+                  + h * cfg.draft_vocab_size)
+    attention = 2 * 2 * nh * hd * (t / 2)  # q.k and p.v over a mean causal prefix of T/2
+    fc = 2 * 3 * cfg.target_hidden_size * h
+    return 3 * num_steps * (matmul + attention) + 3 * fc + 2 * h * cfg.vocab_size
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> float:
+    """The card's bf16 dense matmul rate, measured now."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def train_step(module, draft, teacher, batch, optimizer, params, autocast: bool) -> float:
+    targets = chunked_targets(teacher, batch.last_hidden)
+    masks = step_masks(batch.loss_mask, batch.lengths, targets, TTT_STEPS)
+    counts = all_reduce_sum(torch.stack([m.sum() for m in masks]).float()).tolist()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = module(batch, targets, masks, 0.8, counts)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps) -> dict:
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    batch = random_batch(cfg, t, device, seed=rank)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for _ in range(warmup):
+            train_step(module, draft, teacher, batch, optimizer, params, cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        losses = [train_step(module, draft, teacher, batch, optimizer, params, cuda) for _ in range(steps)]
+        if cuda:
+            torch.cuda.synchronize()
+        step_s = (time.perf_counter() - start) / steps
+    except torch.cuda.OutOfMemoryError as e:
+        return {"seq": t, "error": f"out of memory: {str(e).splitlines()[0]}"}
+    finally:
+        del optimizer
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+    return {"seq": t, "step_s": step_s, "tokens_per_s_per_gpu": t / step_s, "peak_gib": peak,
+            "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses))}
+
+
+def check_attention(device: torch.device) -> dict:
+    """Fused merge (flash on CUDA) against the reference math in float32, output and grads."""
+    g = torch.Generator().manual_seed(0)
+    q, *kv = [torch.randn(1, 8, 1024, 128, generator=g).to(device, torch.bfloat16).requires_grad_(True)
+              for _ in range(9)]
+    keys, values = kv[:4], kv[4:]
+    w = torch.randn(1, 8, 1024, 128, generator=g).to(device)
+    fused = ttt_attention(q, keys, values, 128 ** -0.5)
+    grads = torch.autograd.grad((fused.float() * w).sum(), [q, *keys, *values])
+    inputs32 = [x.detach().float().requires_grad_(True) for x in (q, *keys, *values)]
+    ref = reference_ttt_attention(inputs32[0], inputs32[1:5], inputs32[5:], 128 ** -0.5)
+    ref_grads = torch.autograd.grad((ref * w).sum(), inputs32)
+
+    def rel(a, b):
+        return float((a.detach().float() - b.detach()).norm() / b.detach().norm())
+
+    return {"kernel": "flash_cuda" if device.type == "cuda" else "reference", "out_rel_err": rel(fused, ref),
+            "grad_rel_err_max": max(rel(a, b) for a, b in zip(grads, ref_grads))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", default="2048,8192,32768")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--small", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    info = init_distributed("cpu" if args.small else "auto")
+    device = info.device
+    cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device)
+    module = apply_fsdp2(draft) if info.world_size > 1 else DraftLoss(draft)
+    result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "world_size": info.world_size,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "attention": attention_from, "fsdp2": info.world_size > 1, "ttt_steps": TTT_STEPS, "runs": []}
+    if device.type == "cuda":
+        result["matmul_tflops"] = matmul_tflops(device)
+    result["attention_check"] = check_attention(device)
+    for t in [int(s) for s in args.seqs.split(",")]:
+        run = bench_seq(module, draft, teacher, cfg, t, device, info.rank, args.warmup, args.steps)
+        if "step_s" in run:
+            run["flops_per_token"] = flops_per_token(cfg, t)
+            run["tokens_per_s"] = run["tokens_per_s_per_gpu"] * info.world_size
+            if "matmul_tflops" in result:
+                run["mfu"] = run["flops_per_token"] * run["tokens_per_s_per_gpu"] / (result["matmul_tflops"] * 1e12)
+        result["runs"].append(run)
+        if info.is_main:
+            print(json.dumps(run), flush=True)
+    if info.is_main:
+        print_table(result)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    shutdown()
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device']} x{result['world_size']}, torch {result['torch']}, {result['date']}, "
+          f"bf16 matmul {result.get('matmul_tflops', float('nan')):.0f} TFLOP/s, attention: {result['attention']}")
+    print(f"{'seq':>7} {'tok/s':>9} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7}")
+    for r in result["runs"]:
+        if "error" in r:
+            print(f"{r['seq']:>7} {r['error']}")
+            continue
+        print(f"{r['seq']:>7} {r['tokens_per_s']:>9.0f} {r['tokens_per_s_per_gpu']:>10.0f} "
+              f"{r.get('mfu', float('nan')):>6.1%} {r['peak_gib']:>9.1f} {r['step_s']:>7.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    main()
