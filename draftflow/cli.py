@@ -97,12 +97,14 @@ def cmd_store(args) -> int:
         return cmd_store_serve(args)
     cfg = _config(args)
     root = Path(cfg.features.root)
-    if args.action == "gc" and cfg.features.backend == "mooncake":
+    if args.action == "gc" and cfg.features.backend == "mooncake" and "all" in (args.what or []):
         from draftflow.stores import build_store
 
-        store = build_store(cfg.features)
+        store = build_store(cfg.features)  # the run's data lives in Mooncake, not under root
         print(f"mooncake: removed {store.cleanup_run()} object(s) of this run")
         store.close()
+    if args.action == "verify" and cfg.features.backend == "mooncake":
+        return verify_mooncake(cfg)
     if args.action == "ls":
         summary = admin.list_store(root)
         print(f"store {root}\n  manifest : {summary.manifest_state} ({summary.num_refs} refs)\n"
@@ -120,6 +122,33 @@ def cmd_store(args) -> int:
     removed = admin.gc_store(root, what, claim_timeout_s=cfg.features.claim_timeout_s)
     print(f"{root}: removed {removed}")
     return 0
+
+
+def verify_mooncake(cfg) -> int:
+    """Check the manifest chain, then read back (and so checksum) every sample."""
+    import os
+
+    from draftflow.control.manifest import ManifestReader
+    from draftflow.control.signing import load_secret
+    from draftflow.stores import StoreError, build_store
+
+    reader = ManifestReader(Path(cfg.features.root) / "control", load_secret(cfg.features, os.environ))
+    refs = reader.refs_so_far()
+    store = build_store(cfg.features)
+    problems = []
+    try:
+        for ref in refs:
+            try:
+                store.release(store.get(ref))
+            except StoreError as e:
+                problems.append(str(e))
+    finally:
+        store.close()
+    for p in problems:
+        print(p)
+    print(f"mooncake run of {cfg.features.root}: {len(refs)} refs, "
+          f"{'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
 
 
 def cmd_store_serve(args) -> int:

@@ -2,7 +2,7 @@
 
 Two input formats, recognised per file:
 - DraftFlow sample files (`*.safetensors`, e.g. another store's `samples/`): the
-  four features by name; their embedded ref, if any, is checked on the way in.
+  four features by name, re-checksummed as they are put into the new store.
 - SpecForge offline features (`*.ckpt`): a dict with `input_ids`, `loss_mask`,
   `hidden_state` (the target's final hidden state, the lm_head input) and
   `aux_hidden_state` ([T, 3H]), leading batch dims of 1 allowed. Loaded with

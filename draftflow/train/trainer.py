@@ -145,13 +145,23 @@ class Trainer:
         out["loss"] = loss_total
         return out
 
+    def _samples_log(self) -> Path:
+        return self.output_dir / f"samples.rank{self.dist.rank}.jsonl"
+
     def _log_samples(self, step: int, batches) -> None:
         """Append which samples this rank trained at each step (an audit trail: in
         consume-once runs it shows every sample was trained exactly once)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         ids = [sid for b in batches for sid in b.sample_ids]
-        with open(self.output_dir / f"samples.rank{self.dist.rank}.jsonl", "a") as f:
+        with open(self._samples_log(), "a") as f:
             f.write(json.dumps({"step": step, "samples": ids}) + "\n")
+
+    def _trim_samples_log(self, step: int) -> None:
+        """On resume, forget steps trained after the checkpoint (they are redone)."""
+        path = self._samples_log()
+        if path.exists():
+            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            path.write_text("".join(l + "\n" for l in keep))
 
     def _any_has_data(self, have: bool) -> bool:
         """Ranks step together while any has data (the others contribute zeros), so
@@ -190,6 +200,7 @@ class Trainer:
         """Train to train.max_steps (or stop early after `stop_after` steps, for tests
         of interruption); returns the last checkpoint folder on rank 0."""
         start = self.resume_step()
+        self._trim_samples_log(start)
         end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)
         logger = MetricsLogger(self.output_dir, start, self.tc.tensorboard, self.dist.is_main)
         loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=self.check_ref)
