@@ -17,11 +17,13 @@ from tqdm import tqdm
 
 from draftflow.config import Config
 from draftflow.train import checkpoint as ckpt
-from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder
+from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder, TrainBatch
 from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier
-from draftflow.train.loss import Teacher, step_masks, ttt_loss
+from draftflow.train.chunked_loss import chunked_targets
+from draftflow.train.loss import Teacher, step_masks
 from draftflow.train.metrics import MetricsLogger
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
+from draftflow.train.parallelize import DraftLoss, apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
 from draftflow.train.vocab import vocab_maps
 
 
@@ -96,6 +98,10 @@ class Trainer:
         self.meta = {"draft_config": model_cfg.to_dict(), "draft_ids": draft_ids, **(extra_meta or {})}
         self.draft = build_draft(model_cfg, head, draft_ids, self.tc.seed).to(dist.device)
         self.teacher = Teacher(head.lm_head_weight, torch.tensor(draft_ids)).to(dist.device)
+        # FSDP2 on multi-GPU runs; CPU/gloo keeps the replicated draft and the manual
+        # gradient all-reduce (bit-exact with single-process runs).
+        self.fsdp = dist.world_size > 1 and dist.device.type == "cuda"
+        self.loss_fn = apply_fsdp2(self.draft) if self.fsdp else DraftLoss(self.draft)
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -108,8 +114,12 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------
     def train_step(self, batches) -> dict[str, float]:
         k_steps, decay = self.cfg.draft.ttt_length, self.cfg.draft.loss_decay
+        if not batches:
+            # This rank's stream has ended but another's has not: a batch with nothing to
+            # learn (all masks false) keeps it in step with every collective (FSDP's too).
+            batches = [self._empty_batch()]
         batches = [b.to(self.dist.device) for b in batches]
-        targets = [self.teacher(b.last_hidden) for b in batches]
+        targets = [chunked_targets(self.teacher, b.last_hidden) for b in batches]
         masks = [step_masks(b.loss_mask, b.lengths, t, k_steps) for b, t in zip(batches, targets)]
         counts = torch.zeros(k_steps, device=self.dist.device)
         for ms in masks:
@@ -121,15 +131,15 @@ class Trainer:
                 for name in ("ploss", "acc", "accept") for k in range(k_steps)}
         for batch, tgt, ms in zip(batches, targets, masks):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, part = ttt_loss(self.draft, batch, tgt, ms, decay, counts)
+                loss, part = self.loss_fn(batch, tgt, ms, decay, counts)
             loss.backward()
             for name, v in part.items():
                 sums[name] = sums[name] + v
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        all_reduce_grads(self.params)
+        if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
+            all_reduce_grads(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+        if self.fsdp:
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -144,6 +154,12 @@ class Trainer:
                 loss_total += decay ** k * out[name]
         out["loss"] = loss_total
         return out
+
+    def _empty_batch(self) -> TrainBatch:
+        h = self.model_cfg.target_hidden_size
+        return TrainBatch(input_ids=torch.zeros(1, 2, dtype=torch.int64), loss_mask=torch.zeros(1, 2, dtype=torch.uint8),
+                          aux_hidden=torch.zeros(1, 2, 3 * h), last_hidden=torch.zeros(1, 2, h),
+                          lengths=torch.tensor([2]), sample_ids=())
 
     def _samples_log(self) -> Path:
         return self.output_dir / f"samples.rank{self.dist.rank}.jsonl"
@@ -186,9 +202,14 @@ class Trainer:
         found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
         if not found:
             return 0
+        if self.fsdp:
+            return load_sharded_checkpoint(found[-1], self.loss_fn, self.optimizer, self.scheduler)
         return ckpt.load_checkpoint(found[-1], self.draft, self.optimizer, self.scheduler)
 
     def save(self, step: int) -> Path | None:
+        if self.fsdp:  # every rank writes its shards
+            return save_sharded_checkpoint(self.output_dir / "checkpoints", step, self.loss_fn, self.optimizer,
+                                           self.scheduler, self.meta, self.tc.keep_checkpoints)
         path = None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.output_dir / "checkpoints", step, self.draft, self.optimizer,
