@@ -25,8 +25,11 @@ def cmd_train(args) -> int:
     from draftflow.roles import run_role
     from draftflow.summary import print_summary
 
+    from draftflow.train.distributed import shutdown
+
     cfg = _config(args)
     result = run_role(cfg, args.role)
+    shutdown()  # on success only: a failed rank must not wait in a barrier for its peers
     if result.final_dir is not None:
         print_summary(cfg, result)
     elif args.role == "producer":

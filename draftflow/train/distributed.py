@@ -66,5 +66,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group cleanly: a barrier first, so no rank tears down its
+    communicator while a peer still has a collective in flight."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
