@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from draftflow.train import model as model_mod
 from draftflow.train.batches import collate
 from draftflow.train.chunked_loss import chunked_targets
 from draftflow.train.distributed import all_reduce_sum, init_distributed, shutdown
 from draftflow.train.loss import Teacher, step_masks
-from draftflow.train.model import Attention, DraftModelConfig, Eagle3Draft
+from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallelize import DraftLoss, apply_fsdp2
 from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
 
@@ -42,31 +41,17 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
 TTT_STEPS = 7
 
 
-class FusedTTTAttention(Attention):
-    """Stand-in until model.py's attend_ttt calls ttt_attention itself (same math)."""
-
-    def attend_ttt(self, q, keys, values):
-        out = ttt_attention(q, keys, values, self.hd ** -0.5)
-        b, nh, t, hd = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, nh * hd))
-
-
 def build(shape: dict, device: torch.device):
     cfg = DraftModelConfig(**shape, rms_norm_eps=1e-5, max_position_embeddings=131072, aux_layer_ids=(1, 15, 28),
                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     torch.manual_seed(0)
     draft = Eagle3Draft(cfg)
-    patched = hasattr(model_mod, "ttt_attention")
-    if not patched:
-        fused = FusedTTTAttention(cfg)
-        fused.load_state_dict(draft.midlayer.self_attn.state_dict())
-        draft.midlayer.self_attn = fused
     draft.t2d[: cfg.draft_vocab_size] = True  # draft vocab = the first Vd target ids (d2t stays 0)
     draft = draft.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = Teacher(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02,
                       torch.arange(cfg.draft_vocab_size)).to(device)
-    return cfg, draft, teacher, ("model.py" if patched else "benchmark stand-in")
+    return cfg, draft, teacher, "model.py"
 
 
 def random_batch(cfg: DraftModelConfig, t: int, device: torch.device, seed: int):
