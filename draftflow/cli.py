@@ -136,7 +136,8 @@ def verify_mooncake(cfg) -> int:
     from draftflow.stores import StoreError, build_store
 
     reader = ManifestReader(Path(cfg.features.root) / "control", load_secret(cfg.features, os.environ))
-    refs = reader.refs_so_far()
+    done_dir = Path(cfg.features.root) / "control" / "done"  # consume-once: trained and freed
+    refs = [r for r in reader.refs_so_far() if not (done_dir / r.sample_id).exists()]
     store = build_store(cfg.features)
     problems = []
     try:

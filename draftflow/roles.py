@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,10 @@ def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
     """Prepare, capture and train in one job. Under torchrun every rank captures its
     own shard of the samples into the (shared) store, then all train on all of them."""
     dist = init_distributed(cfg.train.device)
+    if dist.world_size > 1 and cfg.features.backend == "mooncake" and not cfg.features.mooncake.master:
+        raise ValueError("features.mooncake.master: a colocated run under torchrun needs one master that every "
+                         "rank shares (start `draftflow store serve --backend mooncake`); without it each rank "
+                         "would start a private one")
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
@@ -199,6 +204,26 @@ class PublishingStore:
         return ref
 
 
+@contextmanager
+def publishing_run(cfg: Config, secret: bytes, provenance: Provenance, draft_ids: list[int], num_samples: int):
+    """Open the store and the run's manifest writer; seal the run when the body
+    completes, or mark it failed (consumers then get the error instead of a hang)."""
+    release = resolve_release(cfg.features.release)
+    header = ManifestHeader(run_id=run_id_for(provenance, num_samples, draft_ids, release), provenance=provenance,
+                            draft_vocab=tuple(draft_ids), num_samples=num_samples, release=release)
+    store = build_store(cfg.features)
+    writer = ManifestWriter(control_dir(cfg), secret, header)
+    try:
+        yield store, writer
+        writer.seal()
+    except BaseException as e:
+        writer.fail(f"{type(e).__name__}: {e}")  # a rerun of the same run clears it
+        raise
+    finally:
+        writer.close()
+        store.close()
+
+
 def run_producer(cfg: Config, environ=os.environ) -> RunResult:
     """Capture (or resume capturing) into the store and publish refs in a signed manifest."""
     require_shared_backend(cfg, "producer")
@@ -207,26 +232,13 @@ def run_producer(cfg: Config, environ=os.environ) -> RunResult:
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan)
-    store = build_store(cfg.features)
-    release = resolve_release(cfg.features.release)
     num = len(plan.prepared.train)
-    header = ManifestHeader(run_id=run_id_for(provenance, num, plan.draft_ids, release), provenance=provenance,
-                            draft_vocab=tuple(plan.draft_ids), num_samples=num, release=release)
-    writer = ManifestWriter(control_dir(cfg), secret, header)
-    try:
+    with publishing_run(cfg, secret, provenance, plan.draft_ids, num) as (store, writer):
         target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
         refs = produce(cfg, plan, PublishingStore(store, writer), target, aux_ids)
         for ref in refs:  # samples a crashed run had stored but not yet journaled
             writer.publish(ref)
-        writer.seal()
-    except BaseException as e:
-        # Tell consumers instead of leaving them to time out; a rerun clears it.
-        writer.fail(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        writer.close()
-        store.close()
-    log.info("producer: sealed run %s with %d samples at %s", header.run_id, num, cfg.features.root)
+    log.info("producer: sealed a run of %d samples at %s", num, cfg.features.root)
     return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None, num_samples=num,
                      num_tokens=sum(r.num_tokens for r in refs))
 
@@ -252,25 +264,13 @@ def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:
     plan = DataPlan(prepared=None, draft_ids=draft_ids,
                     tokenizer_hash=tokenizer_hash(load_tokenizer(tokenizer_spec(cfg))), data_hash=data_hash(samples))
     provenance = build_provenance(cfg, hf_config, aux_ids, plan)
-    release = resolve_release(cfg.features.release)
-    header = ManifestHeader(run_id=run_id_for(provenance, len(samples), draft_ids, release), provenance=provenance,
-                            draft_vocab=tuple(draft_ids), num_samples=len(samples), release=release)
-    store = build_store(cfg.features)
-    writer = ManifestWriter(control_dir(cfg), secret, header)
-    publishing = PublishingStore(store, writer)
-    try:
+    with publishing_run(cfg, secret, provenance, draft_ids, len(samples)) as (store, writer):
+        publishing = PublishingStore(store, writer)
         for s in samples:  # pass 2: publish, skipping what a previous ingest stored
             ref = store.lookup(s.sample_id, s.index)
             if ref is None:
                 ref = publishing.put(s.sample_id, s.index, read_feature_file(s.path, dtype))
             writer.publish(ref)
-        writer.seal()
-    except BaseException as e:
-        writer.fail(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        writer.close()
-        store.close()
     return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None,
                      num_samples=len(samples), num_tokens=sum(int(s.input_ids.numel()) for s in samples))
 

@@ -52,6 +52,20 @@ def colocated(tmp_path_factory) -> dict[str, torch.Tensor]:
     return weights(tmp / "run")
 
 
+def trained_by(run_dirs: list[Path]) -> list[list[str]]:
+    """The sample ids each consumer trained, from its samples.rank0.jsonl audit log."""
+    out = []
+    for d in run_dirs:
+        lines = (d / "samples.rank0.jsonl").read_text().splitlines()
+        out.append([s for line in lines for s in json.loads(line)["samples"]])
+    return out
+
+
+def assert_once_each(trained: list[list[str]], num: int) -> None:
+    assert sorted(trained[0] + trained[1]) == [f"s{i:06d}" for i in range(num)]  # all, each exactly once
+    assert not set(trained[0]) & set(trained[1])
+
+
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -135,37 +149,73 @@ def test_two_consumers_in_consume_once_mode_train_every_sample_exactly_once(tmp_
                            *COMMON, *once) for i in range(2)]
     code, _, err = finish(train(tmp_path, "producer", *once))
     assert code == 0, err[-2000:]
-    trained = []
-    for i, proc in enumerate(consumers):
+    for proc in consumers:
         code, _, err = finish(proc)
         assert code == 0, err[-2000:]
-        lines = (tmp_path / f"c{i}" / "samples.rank0.jsonl").read_text().splitlines()
-        trained.append([s for line in lines for s in json.loads(line)["samples"]])
-    a, b = trained
-    assert sorted(a + b) == [f"s{i:06d}" for i in range(24)]  # all, each exactly once
-    assert not set(a) & set(b)
+    assert_once_each(trained_by([tmp_path / "c0", tmp_path / "c1"]), 24)
     assert not list((tmp_path / "feat" / "samples").glob("*.safetensors"))  # freed once trained
 
 
-def test_mooncake_producer_then_consumer_bit_identical_to_colocated(tmp_path, colocated):
-    """`store serve` in the background; a producer that exits before its consumer
-    starts (the holder keeps the data); the consumer ends bit-identical."""
+MOONCAKE_SIZES = ["features.mooncake.segment_bytes=134217728", "features.mooncake.buffer_bytes=16777216"]
+
+
+@pytest.fixture(scope="module")
+def mooncake_yaml(tmp_path_factory):
+    """`draftflow store serve` in the background for the module: a real master and
+    segment holder on loopback; yields the client config snippet it wrote."""
     pytest.importorskip("mooncake.store", reason="mooncake-transfer-engine-non-cuda is not installed")
-    store_yaml = tmp_path / "store.yaml"
-    sizes = ["features.mooncake.segment_bytes=67108864", "features.mooncake.buffer_bytes=16777216"]
-    server = draftflow("store", "serve", "--backend", "mooncake", "--config-out", str(store_yaml), *sizes)
+    store_yaml = tmp_path_factory.mktemp("mooncake") / "store.yaml"
+    server = draftflow("store", "serve", "--backend", "mooncake", "--config-out", str(store_yaml), *MOONCAKE_SIZES)
     try:
         deadline = time.monotonic() + 60
         while not store_yaml.exists():
             assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-2000:]
             time.sleep(0.2)
-        common = ["-c", TINY, "-c", str(store_yaml), f"features.root={tmp_path / 'control'}", *sizes, *COMMON]
-        code, _, err = finish(draftflow("train", "--role", "producer", *common))
-        assert code == 0, err[-2000:]
-        code, _, err = finish(draftflow("train", "--role", "consumer", *common,
-                                        f"train.output_dir={tmp_path / 'consumer'}"))
-        assert code == 0, err[-2000:]
-        assert_same(weights(tmp_path / "consumer"), colocated)
+        yield store_yaml
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def mooncake_role(tmp: Path, store_yaml: Path, role: str, *extra: str) -> subprocess.Popen:
+    return draftflow("train", "--role", role, "-c", TINY, "-c", str(store_yaml), f"features.root={tmp / 'control'}",
+                     f"train.output_dir={tmp / role}", *MOONCAKE_SIZES, *COMMON, *extra)
+
+
+def test_mooncake_producer_then_consumer_bit_identical_to_colocated(tmp_path, colocated, mooncake_yaml):
+    """A producer that exits before its consumer starts (the holder keeps the data);
+    the consumer ends bit-identical to the colocated run."""
+    code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "producer"))
+    assert code == 0, err[-2000:]
+    code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "consumer"))
+    assert code == 0, err[-2000:]
+    assert_same(weights(tmp_path / "consumer"), colocated)
+
+
+def test_mooncake_two_consumers_consume_once_train_every_sample_exactly_once(tmp_path, mooncake_yaml):
+    once = ["features.release=consume_once", "train.max_steps=1000", "train.batch_size=2"]
+    consumers = [mooncake_role(tmp_path, mooncake_yaml, "consumer", *once, f"train.output_dir={tmp_path / f'c{i}'}")
+                 for i in range(2)]
+    code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "producer", *once))
+    assert code == 0, err[-2000:]
+    for proc in consumers:
+        code, _, err = finish(proc)
+        assert code == 0, err[-2000:]
+    assert_once_each(trained_by([tmp_path / "c0", tmp_path / "c1"]), 24)
+
+
+def test_mooncake_killed_producer_rerun_keeps_parity(tmp_path, colocated, mooncake_yaml):
+    journal = tmp_path / "control" / "control" / "refs.jsonl"
+    producer = mooncake_role(tmp_path, mooncake_yaml, "producer", "capture.batch_tokens=400")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and producer.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.01)
+    producer.send_signal(signal.SIGKILL)
+    producer.wait()
+    code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "producer"))
+    assert code == 0, err[-2000:]
+    code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "consumer"))
+    assert code == 0, err[-2000:]
+    assert_same(weights(tmp_path / "consumer"), colocated)
