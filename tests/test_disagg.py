@@ -122,7 +122,7 @@ def test_producer_failure_reaches_a_waiting_consumer(tmp_path):
 
 def test_producer_killed_mid_publish_leaves_nothing_partial_and_rerun_completes(tmp_path, colocated):
     journal = tmp_path / "feat" / "control" / "refs.jsonl"
-    producer = train(tmp_path, "producer", "capture.batch_tokens=400")
+    producer = train(tmp_path, "producer")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and producer.poll() is None:
         if journal.exists() and journal.read_text().count("\n") >= 3:
@@ -130,6 +130,7 @@ def test_producer_killed_mid_publish_leaves_nothing_partial_and_rerun_completes(
         time.sleep(0.01)
     producer.send_signal(signal.SIGKILL)
     producer.wait()
+    assert not (journal.parent / "state.json").exists(), "the producer finished before it could be killed"
     # every visible sample file is complete and verifies; partial writes stay hidden temp files
     from draftflow.stores.sample_file import read_sample_file
 
@@ -206,7 +207,7 @@ def test_mooncake_two_consumers_consume_once_train_every_sample_exactly_once(tmp
 
 def test_mooncake_killed_producer_rerun_keeps_parity(tmp_path, colocated, mooncake_yaml):
     journal = tmp_path / "control" / "control" / "refs.jsonl"
-    producer = mooncake_role(tmp_path, mooncake_yaml, "producer", "capture.batch_tokens=400")
+    producer = mooncake_role(tmp_path, mooncake_yaml, "producer")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and producer.poll() is None:
         if journal.exists() and journal.read_text().count("\n") >= 3:
@@ -214,6 +215,7 @@ def test_mooncake_killed_producer_rerun_keeps_parity(tmp_path, colocated, moonca
         time.sleep(0.01)
     producer.send_signal(signal.SIGKILL)
     producer.wait()
+    assert not (journal.parent / "state.json").exists(), "the producer finished before it could be killed"
     code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "producer"))
     assert code == 0, err[-2000:]
     code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "consumer"))

@@ -62,8 +62,12 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
                      progress: bool = True) -> list[SampleRef]:
     """Capture and publish the features of every sample; return refs in sample index order.
 
-    `samples` are objects with .sample_id, .index, .input_ids and .loss_mask. Samples the
-    store already holds are skipped without running the target, so a rerun resumes.
+    `samples` are objects with .sample_id, .index, .input_ids and .loss_mask. Batches are
+    packed from all samples, published or not, so a sample is always computed in the same
+    batch: floating-point results depend on a batch's shape, and a rerun after a crash
+    must write the features an uninterrupted run would have written. A batch whose
+    samples are all published is skipped without running the target; a partly published
+    one is recomputed and only its missing samples are put.
     """
     aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, len(target.model.model.layers))
     if capture_cfg.batch_tokens <= 0:
@@ -71,25 +75,25 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
     items = [_to_item(s) for s in samples]
     _check_unique(items)
     refs: dict[int, SampleRef] = {}
-    pending = []
     for item in items:
         ref = store.lookup(item.sample_id, item.index)
         if ref is None:
-            pending.append(item)
             continue
         if ref.num_tokens != item.num_tokens:
             raise ValueError(f"sample {item.sample_id!r}: the store already holds it with {ref.num_tokens} "
                              f"tokens, the prepared sample has {item.num_tokens} (store filled from other data?)")
         refs[item.index] = ref
-    bar = tqdm(total=sum(i.num_tokens for i in pending), unit="tok", unit_scale=True,
+    batches = [b for b in pack_batches(items, capture_cfg.batch_tokens) if any(i.index not in refs for i in b)]
+    bar = tqdm(total=sum(i.num_tokens for b in batches for i in b), unit="tok", unit_scale=True,
                desc="capture", disable=not progress)
     with bar, _FeatureHooks(target.model, aux_layer_ids) as hooks, ThreadPoolExecutor(1) as writer:
         # One writer thread publishes batch n while the target runs batch n+1; waiting
         # on the oldest write keeps at most two batches of features in host memory.
         writes: deque = deque()
-        for batch in pack_batches(pending, capture_cfg.batch_tokens):
+        for batch in batches:
             features = _run_batch(target.model, hooks, batch, feature_dtype)
-            writes.append(writer.submit(_publish, store, batch, features))
+            missing = [(i, f) for i, f in zip(batch, features) if i.index not in refs]
+            writes.append(writer.submit(_publish, store, missing))
             bar.update(sum(i.num_tokens for i in batch))
             if len(writes) > 1:
                 refs.update(writes.popleft().result())
@@ -98,8 +102,8 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
     return [refs[i] for i in sorted(refs)]
 
 
-def _publish(store, batch: list[_Item], features: list[dict]) -> dict[int, SampleRef]:
-    return {item.index: store.put(item.sample_id, item.index, f) for item, f in zip(batch, features)}
+def _publish(store, items_features: list[tuple[_Item, dict]]) -> dict[int, SampleRef]:
+    return {item.index: store.put(item.sample_id, item.index, f) for item, f in items_features}
 
 
 def _to_item(sample) -> _Item:

@@ -71,18 +71,30 @@ def make_spec(name: str, t: torch.Tensor) -> FeatureSpec:
                        num_bytes=t.numel() * t.element_size(), checksum=checksum(tensor_bytes(t)))
 
 
+def verify_tensor(ref: SampleRef, name: str, t: torch.Tensor) -> None:
+    """Raise ChecksumError/StoreError unless `t` matches the spec of feature `name`."""
+    spec = next((f for f in ref.features if f.name == name), None)
+    if spec is None:
+        raise StoreError(f"sample {ref.sample_id!r}: {ref.uri} holds an unexpected feature {name!r}")
+    if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
+        raise StoreError(
+            f"sample {ref.sample_id!r}: feature {spec.name!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
+            f"expected {spec.dtype}{list(spec.shape)} ({ref.uri})")
+    got = checksum(tensor_bytes(t))
+    if got != spec.checksum:
+        raise ChecksumError(
+            f"sample {ref.sample_id!r}: feature {spec.name!r} is corrupt in {ref.uri} "
+            f"(checksum {got}, expected {spec.checksum})")
+
+
+def verify_tensors_present(ref: SampleRef, tensors: Mapping[str, torch.Tensor]) -> None:
+    for spec in ref.features:
+        if spec.name not in tensors:
+            raise StoreError(f"sample {ref.sample_id!r}: feature {spec.name!r} is missing from {ref.uri}")
+
+
 def verify_tensors(ref: SampleRef, tensors: Mapping[str, torch.Tensor]) -> None:
     """Raise ChecksumError/StoreError if `tensors` do not match `ref`'s specs exactly."""
-    for spec in ref.features:
-        t = tensors.get(spec.name)
-        if t is None:
-            raise StoreError(f"sample {ref.sample_id!r}: feature {spec.name!r} is missing from {ref.uri}")
-        if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
-            raise StoreError(
-                f"sample {ref.sample_id!r}: feature {spec.name!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
-                f"expected {spec.dtype}{list(spec.shape)} ({ref.uri})")
-        got = checksum(tensor_bytes(t))
-        if got != spec.checksum:
-            raise ChecksumError(
-                f"sample {ref.sample_id!r}: feature {spec.name!r} is corrupt in {ref.uri} "
-                f"(checksum {got}, expected {spec.checksum})")
+    verify_tensors_present(ref, tensors)
+    for name, t in tensors.items():
+        verify_tensor(ref, name, t)

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import Lease, StoreError, make_spec, verify_tensors
+from draftflow.stores.base import Lease, StoreError, make_spec, verify_tensor, verify_tensors_present
 from draftflow.stores.sample_file import read_metadata, read_sample_file, write_sample_file
 
 REF_KEY = "draftflow.ref"
@@ -65,15 +65,12 @@ class LocalStore:
         # ref.num_bytes is the buffer a read needs.
         buffer = self._take_buffer(ref.num_bytes)
         try:
-            tensors, _ = read_sample_file(path, buffer)
+            # each feature is verified while the next one is still being read
+            tensors, _ = read_sample_file(path, buffer, on_tensor=lambda name, t: verify_tensor(ref, name, t))
+            verify_tensors_present(ref, tensors)
         except FileNotFoundError:
             self._recycle_buffer(buffer)
             raise StoreError(f"sample {ref.sample_id!r}: {path} does not exist") from None
-        except BaseException:
-            self._recycle_buffer(buffer)
-            raise
-        try:
-            verify_tensors(ref, tensors)
         except BaseException:
             self._recycle_buffer(buffer)
             raise

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -98,12 +100,15 @@ def read_metadata(path: Path) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def read_sample_file(path: Path, buffer: torch.Tensor | None = None
+def read_sample_file(path: Path, buffer: torch.Tensor | None = None, on_tensor=None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a whole sample file with one `readinto`; tensors are views of the buffer.
+    """Read a whole sample file into one buffer; tensors are views of it.
 
     Pass a reusable uint8 `buffer` (grown if too small) to avoid mapping fresh pages
     on every read: a new 64 MiB buffer costs more page faults than the read itself.
+    With `on_tensor(name, tensor)`, a second thread reads the tensors one after the
+    other while this thread calls `on_tensor` on each one already read, so checksum
+    verification (which holds the GIL) overlaps the reads (which release it).
     """
     with open(path, "rb", buffering=0) as f:
         header, start = read_header(f, path)
@@ -111,10 +116,18 @@ def read_sample_file(path: Path, buffer: torch.Tensor | None = None
         if buffer is None or buffer.numel() < size:
             buffer = torch.empty(size, dtype=torch.uint8)
         data = buffer[:size]
-        got = f.readinto(memoryview(data.numpy())) if size else 0
-        if got != size:
-            raise StoreError(f"{path}: short read ({got} of {size} bytes)")
-    metadata = header.pop("__metadata__", {})
+        metadata = header.pop("__metadata__", {})
+        tensors = _views(path, header, data, size)
+        if on_tensor is None:
+            got = f.readinto(memoryview(data.numpy())) if size else 0
+            if got != size:
+                raise StoreError(f"{path}: short read ({got} of {size} bytes)")
+        else:
+            _read_overlapped(f, path, header, data, tensors, on_tensor)
+    return tensors, metadata
+
+
+def _views(path: Path, header: dict, data: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
@@ -124,4 +137,32 @@ def read_sample_file(path: Path, buffer: torch.Tensor | None = None
         if dtype is None:
             raise StoreError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         tensors[name] = data[begin:end].view(dtype).reshape(info["shape"])
-    return tensors, metadata
+    return tensors
+
+
+def _read_overlapped(f, path: Path, header: dict, data: torch.Tensor, tensors: dict, on_tensor) -> None:
+    ranges = sorted((info["data_offsets"], name) for name, info in header.items())
+    done: queue.Queue = queue.Queue()
+
+    def read_all() -> None:
+        try:
+            raw = memoryview(data.numpy())
+            for (begin, end), name in ranges:
+                got = f.readinto(raw[begin:end]) if end > begin else 0
+                if got != end - begin:
+                    raise StoreError(f"{path}: short read of {name!r} ({got} of {end - begin} bytes)")
+                done.put((name, None))
+        except BaseException as e:  # hand the error to the calling thread
+            done.put((None, e))
+
+    # Reads are sequential at increasing offsets, so the file position needs no seeks.
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    try:
+        for _ in ranges:
+            name, error = done.get()
+            if error is not None:
+                raise error
+            on_tensor(name, tensors[name])
+    finally:
+        reader.join()
