@@ -66,6 +66,18 @@ def assert_once_each(trained: list[list[str]], num: int) -> None:
     assert not set(trained[0]) & set(trained[1])
 
 
+def kill_after_refs(producer: subprocess.Popen, journal: Path, num_refs: int) -> None:
+    """SIGKILL the producer once it has journaled `num_refs` refs, mid-publish."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and producer.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= num_refs:
+            break
+        time.sleep(0.01)
+    producer.send_signal(signal.SIGKILL)
+    producer.wait()
+    assert not (journal.parent / "state.json").exists(), "the producer finished before it could be killed"
+
+
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -123,14 +135,7 @@ def test_producer_failure_reaches_a_waiting_consumer(tmp_path):
 def test_producer_killed_mid_publish_leaves_nothing_partial_and_rerun_completes(tmp_path, colocated):
     journal = tmp_path / "feat" / "control" / "refs.jsonl"
     producer = train(tmp_path, "producer")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and producer.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.01)
-    producer.send_signal(signal.SIGKILL)
-    producer.wait()
-    assert not (journal.parent / "state.json").exists(), "the producer finished before it could be killed"
+    kill_after_refs(producer, journal, 3)
     # every visible sample file is complete and verifies; partial writes stay hidden temp files
     from draftflow.stores.sample_file import read_sample_file
 
@@ -208,14 +213,7 @@ def test_mooncake_two_consumers_consume_once_train_every_sample_exactly_once(tmp
 def test_mooncake_killed_producer_rerun_keeps_parity(tmp_path, colocated, mooncake_yaml):
     journal = tmp_path / "control" / "control" / "refs.jsonl"
     producer = mooncake_role(tmp_path, mooncake_yaml, "producer")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and producer.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.01)
-    producer.send_signal(signal.SIGKILL)
-    producer.wait()
-    assert not (journal.parent / "state.json").exists(), "the producer finished before it could be killed"
+    kill_after_refs(producer, journal, 3)
     code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "producer"))
     assert code == 0, err[-2000:]
     code, _, err = finish(mooncake_role(tmp_path, mooncake_yaml, "consumer"))

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from draftflow.control.signing import canonical_json, key_id, sign, verify
+from draftflow.fsutil import fsync_dir
 from draftflow.records import FORMAT_VERSION, Provenance, SampleRef, assert_no_tensors
 
 HEADER_FILE = "header.json"
@@ -133,15 +134,7 @@ def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _load_json(path: Path, what: str) -> Any:

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 
+from draftflow.fsutil import fsync_dir
 from draftflow.stores.base import StoreError, tensor_bytes
 
 _DTYPE_TO_ST = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
@@ -67,14 +68,6 @@ def write_sample_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_header(f, path: Path) -> tuple[dict, int]:
