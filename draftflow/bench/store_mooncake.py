@@ -10,7 +10,7 @@ For one realistic sample (T tokens, hidden H, bf16: aux_hidden [T, 3H] + last_hi
 - memcpy of the same number of bytes (the host's copy rate, for scale).
 
 Each figure is the median over `repeats` timed rounds after one warm-up round.
-Targets: zero-copy get >= 2.5x naive get, and >= 0.8x raw get_into.
+Targets: zero-copy put and get >= 2.5x the naive path, and get >= 0.8x raw get_into.
 
     draftflow bench store --backend mooncake --seq-len 2048 --hidden 4096
     python benchmarks/bench_store_mooncake.py --tokens 2048 --hidden 4096
@@ -124,6 +124,7 @@ def run_benchmark(num_tokens: int = 2048, hidden: int = 4096, repeats: int = 5) 
     return {"sample_bytes": num_bytes, "num_tokens": num_tokens, "hidden": hidden, "repeats": repeats,
             "gbps": gbps, "seconds": seconds, "ratios": ratios,
             "targets_met": {"get_vs_naive_get>=2.5": ratios["get_vs_naive_get"] >= 2.5,
+                            "put_vs_naive_put>=2.5": ratios["put_vs_naive_put"] >= 2.5,
                             "get_vs_raw_get_into>=0.8": ratios["get_vs_raw_get_into"] >= 0.8},
             "machine": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                         "cpus": os.cpu_count(), "platform": platform.platform(),

@@ -34,14 +34,15 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import xxhash
 
-from draftflow.records import FeatureSpec, SampleRef, validate_sample_id
-from draftflow.stores.base import Lease, StoreError, checksum, dtype_name, verify_tensors
+from draftflow.records import SampleRef, validate_sample_id
+from draftflow.stores.base import Lease, StoreError, make_spec, verify_tensors
 from draftflow.stores.mooncake_service import MooncakeService, apply_mooncake_env, http_get, port_open
 from draftflow.stores.shared_dir import resolve_release
 
@@ -214,6 +215,7 @@ class MooncakeStore:
         self._pin.with_hard_pin = True  # never evicted: an evicted sample would be lost, not re-captured
         self._leases: dict[int, tuple[Lease, int, int]] = {}
         self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mooncake-put")  # see put()
 
     # keys ---------------------------------------------------------------------------
     def _ref_key(self, sample_id: str) -> str:
@@ -241,38 +243,44 @@ class MooncakeStore:
         offsets, total = _layout(sizes + [_MAX_REF_BYTES])
         base = self._pool.alloc(total, self.full_timeout_s)
         try:
-            specs = tuple(self._copy_in(name, t, base + o) for (name, t), o in zip(tensors.items(), offsets))
-            ref = SampleRef(sample_id=sample_id, index=index, uri=self._uri(sample_id, _new_generation()),
+            # Copy every feature into the registered buffer, then start the transfer in a
+            # worker thread; meanwhile this thread checksums the source tensors (the same
+            # bytes). The copy and the transfer release the GIL, xxh3 holds it, so the
+            # checksums cost no wall time. The ref, which carries them, is written last.
+            sources = {name: t.detach().contiguous() for name, t in tensors.items()}
+            for (name, t), o in zip(sources.items(), offsets):
+                self._pool.view(base + o, t.numel() * t.element_size()).copy_(t.view(-1).view(torch.uint8))
+            uri = self._uri(sample_id, _new_generation())
+            prefix = uri.removeprefix("mooncake://").partition("/")[2]  # as feature_keys() derives it
+            keys = [f"{prefix}/{name}" for name, t in sources.items() if t.numel()]
+            ptrs = [self._pool.ptr + base + o for (name, t), o in zip(sources.items(), offsets) if t.numel()]
+            sizes = [t.numel() * t.element_size() for t in sources.values() if t.numel()]
+            transfer = self._executor.submit(self._put_with_room, sample_id, sum(sizes), keys, ptrs, sizes)
+            try:
+                specs = tuple(make_spec(name, t if t.device.type == "cpu" else self._pool.view(
+                    base + o, t.numel() * t.element_size()).view(t.dtype).view(t.shape))
+                    for (name, t), o in zip(sources.items(), offsets))
+            finally:
+                transfer.result()
+            ref = SampleRef(sample_id=sample_id, index=index, uri=uri,
                             num_tokens=int(tensors["input_ids"].shape[0]), features=specs)
             ref_json = json.dumps(ref.to_dict()).encode()
             if len(ref_json) > _MAX_REF_BYTES:
+                self._remove(keys, f"sample {sample_id!r}")
                 raise StoreError(f"sample {sample_id!r}: ref of {len(ref_json)} bytes exceeds {_MAX_REF_BYTES}")
             ref_bytes = torch.frombuffer(bytearray(ref_json), dtype=torch.uint8)
             self._pool.view(base + offsets[-1], len(ref_json)).copy_(ref_bytes)
-            stored = [(f, o) for f, o in zip(ref.features, offsets) if f.num_bytes]
-            self._put_with_room(ref, self.feature_keys(ref), [self._pool.ptr + base + o for _, o in stored],
-                                [f.num_bytes for f, _ in stored])
             rc = self._client.upsert_from(self._ref_key(sample_id), self._pool.ptr + base + offsets[-1],
                                           len(ref_json), self._pin)
             if rc != 0:
-                self._remove(self.feature_keys(ref), f"sample {sample_id!r}")
+                self._remove(keys, f"sample {sample_id!r}")
                 raise error_for(rc, f"sample {sample_id!r}: publishing its ref")
         finally:
             self._pool.free(base, total)
         return ref
 
-    def _copy_in(self, name: str, t: torch.Tensor, off: int) -> FeatureSpec:
-        """Copy `t` into the buffer at `off`; its spec, checksummed over the copied bytes."""
-        t = t.detach()
-        n = t.numel() * t.element_size()
-        dst = self._pool.view(off, n)
-        # One copy from wherever `t` lives (host or device) into place; the checksum is
-        # taken over the bytes that will be sent.
-        dst.copy_(t.contiguous().view(-1).view(torch.uint8))
-        digest = checksum(dst.numpy())
-        return FeatureSpec(name=name, dtype=dtype_name(t.dtype), shape=tuple(t.shape), num_bytes=n, checksum=digest)
-
-    def _put_with_room(self, ref: SampleRef, keys: list[str], ptrs: list[int], sizes: list[int]) -> None:
+    def _put_with_room(self, sample_id: str, num_bytes: int, keys: list[str], ptrs: list[int],
+                       sizes: list[int]) -> None:
         deadline = time.monotonic() + self.full_timeout_s
         delay = 0.01
         while True:
@@ -280,13 +288,13 @@ class MooncakeStore:
             if all(c == 0 for c in codes):
                 return
             # A batch can half succeed; a partial sample must not stay behind.
-            self._remove([k for k, c in zip(keys, codes) if c == 0], f"sample {ref.sample_id!r}")
+            self._remove([k for k, c in zip(keys, codes) if c == 0], f"sample {sample_id!r}")
             code = next(c for c in codes if c != 0)
             if code != NO_AVAILABLE_HANDLE:
-                raise error_for(code, f"sample {ref.sample_id!r}: put")
+                raise error_for(code, f"sample {sample_id!r}: put")
             if time.monotonic() + delay > deadline:
                 raise StoreFullError(
-                    f"store full: no room for sample {ref.sample_id!r} ({ref.num_bytes} bytes) after waiting "
+                    f"store full: no room for sample {sample_id!r} ({num_bytes} bytes) after waiting "
                     f"{self.full_timeout_s:g} s (features.mooncake.full_timeout_s): consumers are not releasing "
                     "samples, the segment (features.mooncake.segment_bytes) is smaller than a sample, or no "
                     "segment holder is running",
@@ -380,6 +388,7 @@ class MooncakeStore:
 
     def close(self) -> None:
         """Disconnect; stop the service this store started, if any. Idempotent."""
+        self._executor.shutdown(wait=True)
         if self._client is not None:
             self._client.unregister_buffer(self._pool.ptr)
             self._client.close()
