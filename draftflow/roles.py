@@ -99,11 +99,12 @@ def target_identity(cfg: Config) -> str:
     return random_identity(cfg.target) if cfg.target.random is not None else str(cfg.target.path)
 
 
-def build_provenance(cfg: Config, hf_config, aux_ids: list[int], plan: DataPlan) -> Provenance:
+def build_provenance(cfg: Config, hf_config, aux_ids: list[int], tokenizer_hash_: str, data_hash_: str
+                     ) -> Provenance:
     return Provenance(target=target_identity(cfg), target_config_hash=config_hash(hf_config),
-                      tokenizer_hash=plan.tokenizer_hash, hidden_size=hf_config.hidden_size,
+                      tokenizer_hash=tokenizer_hash_, hidden_size=hf_config.hidden_size,
                       vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),
-                      feature_dtype=cfg.features.dtype, data_hash=plan.data_hash,
+                      feature_dtype=cfg.features.dtype, data_hash=data_hash_,
                       producer_version=draftflow.__version__)
 
 
@@ -154,7 +155,7 @@ def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
-    provenance = build_provenance(cfg, hf_config, aux_ids, plan)
+    provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
     store = build_store(cfg.features)
     device, dtype = resolve_device_dtype(cfg.capture)
     if dist.device.type == "cuda" and device.type == "cuda":
@@ -231,7 +232,7 @@ def run_producer(cfg: Config, environ=os.environ) -> RunResult:
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
-    provenance = build_provenance(cfg, hf_config, aux_ids, plan)
+    provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
     num = len(plan.prepared.train)
     with publishing_run(cfg, secret, provenance, plan.draft_ids, num) as (store, writer):
         target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
@@ -261,9 +262,8 @@ def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:
                              f"has hidden_size {hf_config.hidden_size}")
         samples.append(IngestedSample(f"s{i:06d}", i, path, feats["input_ids"], feats["loss_mask"]))
     draft_ids = build_draft_vocab(samples, cfg.draft.vocab_size, hf_config.vocab_size)
-    plan = DataPlan(prepared=None, draft_ids=draft_ids,
-                    tokenizer_hash=tokenizer_hash(load_tokenizer(tokenizer_spec(cfg))), data_hash=data_hash(samples))
-    provenance = build_provenance(cfg, hf_config, aux_ids, plan)
+    provenance = build_provenance(cfg, hf_config, aux_ids, tokenizer_hash(load_tokenizer(tokenizer_spec(cfg))),
+                                  data_hash(samples))
     with publishing_run(cfg, secret, provenance, draft_ids, len(samples)) as (store, writer):
         publishing = PublishingStore(store, writer)
         for s in samples:  # pass 2: publish, skipping what a previous ingest stored

@@ -261,12 +261,16 @@ def test_journal_line_spliced_from_another_run_is_refused(tmp_path):
         read_all(tmp_path / "a")
 
 
+def edit_record(path, section: str, field: str, value) -> None:
+    """Change one field of a signed JSON record in place, leaving its signature."""
+    doc = json.loads(path.read_text())
+    doc[section][field] = value
+    path.write_text(json.dumps(doc))
+
+
 def test_tampered_state_record_is_refused(tmp_path):
     write_run(tmp_path)
-    path = tmp_path / STATE_FILE
-    doc = json.loads(path.read_text())
-    doc["state"]["num_refs"] = 2
-    path.write_text(json.dumps(doc))
+    edit_record(tmp_path / STATE_FILE, "state", "num_refs", 2)
     with pytest.raises(TamperedManifestError, match="state.json: state record signature does not match"):
         read_all(tmp_path)
 
@@ -331,9 +335,6 @@ def test_manifest_of_unknown_format_version_is_refused(tmp_path):
     with pytest.raises(ValueError, match="format_version 9"):
         header(format_version=9)
     write_run(tmp_path)
-    path = tmp_path / HEADER_FILE
-    doc = json.loads(path.read_text())
-    doc["header"]["format_version"] = 2
-    path.write_text(json.dumps(doc))
+    edit_record(tmp_path / HEADER_FILE, "header", "format_version", 2)
     with pytest.raises(ManifestError, match="manifest format version 2; this DraftFlow reads 1"):
         ManifestReader(tmp_path, SECRET)

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from draftflow.config import load_config
 from draftflow.roles import run_colocated
 from draftflow.train.batches import SampleOrder, collate
-from draftflow.train.loss import Teacher, step_masks, ttt_loss
+from draftflow.train.chunked_loss import chunked_ttt_loss
+from draftflow.train.loss import Teacher, step_masks
 from draftflow.train.metrics import read_metrics
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 
@@ -46,7 +47,7 @@ def test_padding_and_prompt_only_samples_do_not_change_the_loss():
         tg = teacher(batch.last_hidden)
         masks = step_masks(batch.loss_mask, batch.lengths, tg, 3)
         counts = [float(m.sum()) for m in masks]
-        loss, _ = ttt_loss(draft, batch, tg, masks, 0.8, counts)
+        loss, _ = chunked_ttt_loss(draft, batch, tg, masks, 0.8, counts, chunk=8)  # two chunks
         loss.backward()
         return loss.detach(), draft.fc.weight.grad.clone()
 

@@ -1,9 +1,9 @@
 """Teacher and TTT loss computed in chunks of positions, so peak memory does not
 grow with full vocab x sequence x unroll steps.
 
-Same semantics and, where a sequence fits in one chunk, the same bits as
-`loss.Teacher.forward` and `loss.ttt_loss` (every operation is row-wise, so a
-chunk computes exactly what the whole did for its rows):
+Where a sequence fits in one chunk, the same bits as running everything over the
+whole sequence at once (every operation is row-wise, so a chunk computes exactly
+what the whole did for its rows):
 - the teacher's full-vocab logits [B, c, V] exist for one chunk at a time; only
   the draft-vocab log-probs, the full-vocab probabilities at the draft ids [B, T, Vd]
   and the argmax [B, T] are kept;
@@ -69,7 +69,7 @@ def _chunk_terms(draft: Eagle3Draft, hidden: torch.Tensor, targets: Targets, mas
                  start: int, stop: int, recompute: bool):
     """(ce_sum, correct, accept) over positions start:stop of unroll step k."""
     # No slice node when one chunk covers the sequence: the autograd graph, and so the
-    # order in which gradients are summed, stays exactly that of loss.ttt_loss.
+    # order in which gradients are summed, stays that of an unchunked loss.
     rows = hidden if (start, stop) == (0, hidden.shape[1]) else hidden[:, start:stop]
     args = (draft, rows, shifted_rows(targets.log_probs, 1 + k, start, stop), mask[:, start:stop],
             shifted_rows(targets.argmax, 1 + k, start, stop), shifted_rows(targets.full_probs, 1 + k, start, stop))
@@ -81,11 +81,15 @@ def _chunk_terms(draft: Eagle3Draft, hidden: torch.Tensor, targets: Targets, mas
 def chunked_ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[torch.Tensor], decay: float,
                      denominators: list[float], chunk: int = CHUNK_POSITIONS,
                      recompute: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`loss.ttt_loss` with the draft head run per chunk of positions.
+    """Weighted TTT loss of one micro-batch and summed metric numerators, with the
+    draft head run per chunk of positions.
 
-    recompute (default: when the draft is on CUDA) checkpoints each chunk's head, so
-    memory for the [B, c, Vd] log-probs is freed after every chunk instead of kept for
-    backward. On CPU the default keeps the exact autograd graph of `ttt_loss`.
+    `denominators[k]` is the number of valid positions of step k in the whole
+    optimizer step; the loss is already divided by it, so micro-batch losses add up
+    to the step's loss. Metrics come back as sums (ploss_k, acc_k, accept_k) to be
+    divided by the same denominators after reduction. recompute (default: when the
+    draft is on CUDA) checkpoints each chunk's head, so memory for the [B, c, Vd]
+    log-probs is freed after every chunk instead of kept for backward.
     """
     if recompute is None:
         recompute = draft.lm_head.weight.is_cuda

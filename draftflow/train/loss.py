@@ -1,4 +1,8 @@
-"""EAGLE3 test-time-training loss and its per-step metrics.
+"""EAGLE3 test-time-training targets: the teacher, alignment and validity masks.
+
+The loss itself (soft cross-entropy per unroll step, weighted decay^k, and the
+per-step metrics) is `chunked_loss.chunked_ttt_loss`, which runs the draft head in
+chunks of positions.
 
 Alignment (DESIGN.md section 5): at position t the draft sees aux(t) and token t+1
 and learns the target's distribution at position t+1 (which predicts token t+2).
@@ -17,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from draftflow.train.model import Eagle3Draft
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,35 +76,3 @@ def step_masks(loss_mask_bt: torch.Tensor, lengths_b: torch.Tensor, targets: Tar
         teacher_ok = shift_left(targets.valid, 1 + k, False)
         masks.append(in_seq & assistant & teacher_ok)
     return masks
-
-
-def ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[torch.Tensor], decay: float,
-             denominators: list[float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted TTT loss of one micro-batch and summed metric numerators.
-
-    `denominators[k]` is the number of valid positions of step k in the whole
-    optimizer step; the returned loss is already divided by it, so micro-batch
-    losses add up to the step's loss. Metrics come back as sums (ploss_k, acc_k,
-    accept_k) to be divided by the same denominators after reduction.
-    """
-    num_steps = len(masks)
-    d2t = draft.d2t
-    total = torch.zeros((), device=batch.input_ids.device)
-    sums: dict[str, torch.Tensor] = {}
-    ids_next = shift_left(batch.input_ids, 1)  # the draft at t is fed token t+1
-    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, num_steps):
-        mask = masks[k]
-        log_q = torch.log_softmax(draft.logits(hidden).float(), -1)  # [B, T, Vd]
-        log_p = shift_left(targets.log_probs, 1 + k)
-        ce = -(log_p.exp() * log_q).sum(-1)  # soft cross-entropy per position
-        ce_sum = (ce * mask).sum()
-        denom = max(denominators[k], 1.0)
-        total = total + (decay ** k) * ce_sum / denom
-        with torch.no_grad():
-            top = log_q.argmax(-1)
-            correct = (top + d2t[top]) == shift_left(targets.argmax, 1 + k)
-            accept = torch.minimum(shift_left(targets.full_probs, 1 + k), log_q.exp()).sum(-1)
-            sums[f"ploss_{k}"] = ce_sum.detach()
-            sums[f"acc_{k}"] = (correct & mask).sum().float()
-            sums[f"accept_{k}"] = (accept * mask).sum()
-    return total, sums
