@@ -66,6 +66,11 @@ class MooncakeConfig:
     device_name: str = ""
     global_segment_size: int = 0  # bytes this client contributes to the pool (0: none)
     buffer_bytes: int = 1 << 30  # registered host buffer pool for zero-copy transfers
+    # A get reads a sample in chunks of this many bytes (a multiple of 64) and hashes
+    # each chunk while the next is in flight; None: one read, then the hash. Chunks pay
+    # only where a transfer leaves CPU idle: on 2 cores over loopback TCP, where the
+    # transfer keeps both busy, they made gets slower.
+    chunk_bytes: int | None = None
     # Namespace of this run's keys ("<run_id>/<sample_id>/..."); producer and consumer
     # must agree. None: derived from the absolute `features.root`.
     run_id: str | None = None
@@ -124,6 +129,8 @@ class TrainConfig:
     device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
+    recompute: str = "auto"  # recompute the draft layer in backward: auto | always | never
+    compile: bool = False  # torch.compile the draft layer and head
 
 
 @dataclass(**RECORD)

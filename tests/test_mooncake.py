@@ -22,7 +22,7 @@ from draftflow.config import FeaturesConfig, MooncakeConfig, load_config  # noqa
 from draftflow.records import SampleRef  # noqa: E402
 from draftflow.stores.base import ChecksumError, StoreError, make_spec  # noqa: E402
 from draftflow.stores.mooncake import (LeaseHeldError, MooncakeError, MooncakeStore, SampleMissingError,  # noqa: E402
-                                       StoreFullError, error_for, open_mooncake_store)
+                                       StoreFullError, _chunks, error_for, open_mooncake_store)
 from draftflow.stores.mooncake_service import MooncakeService  # noqa: E402
 
 SEGMENT_BYTES = 48 << 20
@@ -70,6 +70,14 @@ def sample(num_tokens=32, hidden=16, seed=0) -> dict[str, torch.Tensor]:
 
 def raw_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def overwrite_object(store, key: str, data: torch.Tensor) -> None:
+    """Put `data` (uint8) under `key` with the raw client, replacing what is there."""
+    base = store._pool.alloc(data.numel(), 1.0)
+    store._pool.view(base, data.numel()).copy_(data)
+    assert store._client.upsert_from(key, store._pool.ptr + base, data.numel(), store._pin) == 0
+    store._pool.free(base, data.numel())
 
 
 def test_put_get_round_trip_is_bit_exact(open_store):
@@ -141,13 +149,80 @@ def test_get_detects_corrupted_bytes(open_store):
     key = next(k for k in store.feature_keys(ref) if k.endswith("/aux_hidden"))
     corrupt = torch.zeros(ref.spec("aux_hidden").num_bytes, dtype=torch.uint8)
     corrupt[0] = 1  # same size, wrong bytes, written raw under the feature's key
-    base = store._pool.alloc(corrupt.numel(), 1.0)
-    store._pool.view(base, corrupt.numel()).copy_(corrupt)
-    assert store._client.upsert_from(key, store._pool.ptr + base, corrupt.numel(), store._pin) == 0
-    store._pool.free(base, corrupt.numel())
+    overwrite_object(store, key, corrupt)
     with pytest.raises(ChecksumError, match="aux_hidden"):
         store.get(ref)
     assert store._pool._free == [(0, store._pool.num_bytes)]  # the failed get gave its range back
+
+
+class CountingClient:
+    """The Mooncake client, with its ranged reads recorded."""
+
+    def __init__(self, client):
+        self._client, self.reads = client, []
+
+    def get_into_ranges(self, *args):
+        self.reads.append(args)
+        return self._client.get_into_ranges(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_chunks_cut_the_byte_stream_in_order():
+    assert _chunks([5, 0, 7], 4) == [[(0, 0, 4)], [(0, 4, 1), (2, 0, 3)], [(2, 3, 4)]]
+    assert _chunks([8], 8) == [[(0, 0, 8)]] and _chunks([], 8) == [] and _chunks([0], 8) == []
+
+
+def test_get_in_chunks_is_bit_exact_and_delete_removes_every_object(open_store):
+    store = open_store(chunk_bytes=4096)
+    x = sample(num_tokens=64, hidden=64)  # aux_hidden alone spans 6 chunks
+    ref = store.put("ch0", 0, x)
+    store._client = client = CountingClient(store._client)
+    lease = store.get(ref)
+    for name, t in x.items():
+        assert raw_bytes(lease.tensors[name]) == raw_bytes(t)
+    store.release(lease)
+    total = sum(f.num_bytes for f in ref.features)
+    read = [n for args in client.reads for n in [s for sizes in args[4][0] for s in sizes]]
+    assert len(client.reads) == -(-total // 4096) and sum(read) == total  # one read per chunk, all bytes once
+    keys = store.feature_keys(ref) + [f"{store.run_id}/ch0/ref"]
+    store.delete(ref)
+    assert store._client.batch_is_exist(keys) == [0] * len(keys)
+
+
+def test_get_detects_a_corrupted_chunk(open_store):
+    store = open_store(chunk_bytes=4096)
+    x = sample(num_tokens=64, hidden=64)
+    ref = store.put("bad1", 0, x)
+    key = next(k for k in store.feature_keys(ref) if k.endswith("/aux_hidden"))
+    data = torch.frombuffer(bytearray(raw_bytes(x["aux_hidden"])), dtype=torch.uint8)
+    data[2 * 4096 + 5] ^= 1  # one bit in the third of its chunks
+    overwrite_object(store, key, data)
+    with pytest.raises(ChecksumError, match="sample 'bad1': feature 'aux_hidden' is corrupt"):
+        store.get(ref)
+    assert store._pool._free == [(0, store._pool.num_bytes)]
+
+
+@pytest.mark.parametrize("feature", ["input_ids", "last_hidden"])  # first chunk fails / last chunk fails
+def test_get_of_a_missing_object_fails_clearly_and_frees_its_range(open_store, feature):
+    store = open_store(chunk_bytes=4096)
+    ref = store.put("m0", 0, sample(num_tokens=64, hidden=64))
+    assert store._client.remove(next(k for k in store.feature_keys(ref) if k.endswith(f"/{feature}")), True) == 0
+    with pytest.raises(SampleMissingError, match=f"sample 'm0': get .*/{feature}: .*OBJECT_NOT_FOUND"):
+        store.get(ref)
+    assert store._pool._free == [(0, store._pool.num_bytes)]  # no chunk still being read into it
+    x = sample(seed=3)
+    assert raw_bytes(store.get(store.put("m1", 1, x)).tensors["aux_hidden"]) == raw_bytes(x["aux_hidden"])
+
+
+def test_get_refuses_an_object_shorter_than_its_ref(open_store):
+    store = open_store(chunk_bytes=4096)
+    ref = store.put("short", 0, sample(num_tokens=64, hidden=64))
+    key = next(k for k in store.feature_keys(ref) if k.endswith("/aux_hidden"))
+    overwrite_object(store, key, torch.zeros(4096, dtype=torch.uint8))
+    with pytest.raises(MooncakeError, match="sample 'short': get .*/aux_hidden: .*INVALID_PARAMS"):
+        store.get(ref)
 
 
 def test_consume_once_delete_after_training_removes_the_sample(open_store):
@@ -238,6 +313,8 @@ def test_bad_config_is_refused_with_the_key_named(service, tmp_path):
         MooncakeStore(features_cfg(service, tmp_path), run_id="a/b")
     with pytest.raises(ValueError, match="features.mooncake.buffer_bytes"):
         make(buffer_bytes=1000)
+    with pytest.raises(ValueError, match="features.mooncake.chunk_bytes: expected a positive multiple of 64"):
+        make(chunk_bytes=1000)
     with pytest.raises(ValueError, match="features.mooncake.segment_bytes: expected at least 16 MiB"):
         MooncakeService(segment_bytes=8 << 20)
 

@@ -4,9 +4,17 @@ Data path. One host buffer is allocated, pre-touched and registered with Mooncak
 once, when the store opens (registration pins and maps memory for the transfer
 engine; doing it per call would cost more than the transfer). A put copies the
 sample's tensors into a range of that buffer and sends all features with ONE
-`batch_put_from`; a get fetches them with ONE `batch_get_into` into a range and
-returns tensors that are views of it, checked against the ref's checksums. Nothing
-is serialized and no existence RPC is made on either path.
+`batch_put_from`; a get reads them into a range and returns tensors that are views
+of it, checked against the ref's checksums. Nothing is serialized and no existence
+RPC is made on either path.
+
+Reads. A get reads the features with `get_into_ranges` (byte ranges of their
+objects), not `batch_get_into`: in mooncake 0.3.13 the latter spins on a core while
+it waits for the transfer, which on a small host slows the very transfer it waits
+for (1.5x on 2 cores over loopback TCP); `get_into_ranges` blocks. With
+`features.mooncake.chunk_bytes` set, the sample's bytes are cut into chunks that a
+worker thread reads in order while this thread hashes each chunk that has landed,
+so only the last chunk's hash is not hidden behind a transfer.
 
 Lease lifetime. Tensors of a `Lease` view the store's buffer until `release(lease)`;
 after that the range is reused by later gets, so a consumer that keeps data past
@@ -34,7 +42,7 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Mapping
 
@@ -42,7 +50,7 @@ import torch
 import xxhash
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import Lease, StoreError, make_spec, verify_tensors
+from draftflow.stores.base import Lease, StoreError, make_spec, tensor_bytes, verify_tensor
 from draftflow.stores.mooncake_service import MooncakeService, apply_mooncake_env, http_get, port_open
 from draftflow.stores.shared_dir import resolve_release
 
@@ -113,6 +121,22 @@ def _layout(sizes: list[int]) -> tuple[list[int], int]:
         offsets.append(end)
         end += -(-n // _ALIGN) * _ALIGN
     return offsets, max(end, _ALIGN)
+
+
+def _chunks(sizes: list[int], chunk_bytes: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive bytes of features of `sizes`, cut into chunks of `chunk_bytes` (the
+    last may be shorter); a chunk is a list of (feature index, start, size) pieces."""
+    chunks, chunk, room = [], [], chunk_bytes
+    for i, n in enumerate(sizes):
+        start = 0
+        while start < n:
+            size = min(n - start, room)
+            chunk.append((i, start, size))
+            start, room = start + size, room - size
+            if room == 0:
+                chunks.append(chunk)
+                chunk, room = [], chunk_bytes
+    return chunks + [chunk] if chunk else chunks
 
 
 class _BufferPool:
@@ -201,6 +225,10 @@ class MooncakeStore:
             raise ValueError(f"features.mooncake.run_id: {self.run_id!r}, expected 1-64 characters of [A-Za-z0-9_.-]")
         if mc.buffer_bytes < (1 << 20):
             raise ValueError(f"features.mooncake.buffer_bytes: expected at least 1 MiB, got {mc.buffer_bytes}")
+        if mc.chunk_bytes is not None and (mc.chunk_bytes <= 0 or mc.chunk_bytes % _ALIGN):
+            raise ValueError(f"features.mooncake.chunk_bytes: expected a positive multiple of {_ALIGN} or null, "
+                             f"got {mc.chunk_bytes}")
+        self.chunk_bytes = mc.chunk_bytes
         self.master = mc.master
         self.full_timeout_s = mc.full_timeout_s
         self._service = service
@@ -216,6 +244,8 @@ class MooncakeStore:
         self._leases: dict[int, tuple[Lease, int, int]] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="mooncake-put")  # see put()
+        # Its own thread: a get must not queue behind a put that waits for room.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="mooncake-get")  # see get()
 
     # keys ---------------------------------------------------------------------------
     def _ref_key(self, sample_id: str) -> str:
@@ -335,18 +365,9 @@ class MooncakeStore:
         offsets, total = _layout([f.num_bytes for f in ref.features])
         base = self._pool.alloc(total, self.full_timeout_s)
         try:
-            stored = [(f, o) for f, o in zip(ref.features, offsets) if f.num_bytes]
-            keys = self.feature_keys(ref)
-            codes = self._client.batch_get_into(keys, [self._pool.ptr + base + o for _, o in stored],
-                                                [f.num_bytes for f, _ in stored])
-            for key, code, (f, _) in zip(keys, codes, stored):
-                if code < 0:
-                    raise error_for(code, f"sample {ref.sample_id!r}: get {key}")
-                if code != f.num_bytes:
-                    raise StoreError(f"sample {ref.sample_id!r}: {key} has {code} bytes, expected {f.num_bytes}")
             tensors = {f.name: self._pool.view(base + o, f.num_bytes).view(_dtype(f.dtype)).reshape(f.shape)
                        for f, o in zip(ref.features, offsets)}
-            verify_tensors(ref, tensors)
+            self._read_verified(ref, base, offsets, tensors)
         except BaseException:
             self._pool.free(base, total)
             raise
@@ -354,6 +375,47 @@ class MooncakeStore:
         with self._lock:
             self._leases[id(lease)] = (lease, base, total)
         return lease
+
+    def _read_verified(self, ref: SampleRef, base: int, offsets: list[int],
+                       tensors: dict[str, torch.Tensor]) -> None:
+        """Read `ref`'s features into the buffer at `base`, chunk by chunk, and check them.
+
+        The reader thread fetches the chunks back to back (the transfer releases the GIL);
+        this thread hashes each one as soon as it has landed, with one streaming xxh3 per
+        feature (its digest equals the one-shot checksum of the put; xxh3 releases the GIL
+        too, so the two threads run on two cores)."""
+        stored = [(f, o) for f, o in zip(ref.features, offsets) if f.num_bytes]
+        keys = self.feature_keys(ref)
+        data = [tensor_bytes(self._pool.view(base + o, f.num_bytes)) for f, o in stored]
+        hashers = [xxhash.xxh3_64() for _ in stored]
+        sizes = [f.num_bytes for f, _ in stored]
+        chunks = _chunks(sizes, self.chunk_bytes or sum(sizes))
+        fetches = [self._reader.submit(self._fetch, ref, keys, [base + o for _, o in stored], chunk)
+                   for chunk in chunks]
+        try:
+            for chunk, fetch in zip(chunks, fetches):
+                fetch.result()
+                for i, start, size in chunk:
+                    hashers[i].update(data[i][start:start + size])
+        finally:
+            _stop(fetches)  # nothing may still write into the range when the caller frees it
+        for (f, _), hasher in zip(stored, hashers):
+            if f"xxh3_64:{hasher.hexdigest()}" != f.checksum:
+                verify_tensor(ref, f.name, tensors[f.name])  # the one-shot check: raises ChecksumError
+
+    def _fetch(self, ref: SampleRef, keys: list[str], feature_offsets: list[int],
+               chunk: list[tuple[int, int, int]]) -> None:
+        """One chunk: its pieces of features' objects into their places in the buffer."""
+        results = self._client.get_into_ranges(
+            [self._pool.ptr], [[keys[i] for i, _, _ in chunk]],
+            [[[feature_offsets[i] + start] for i, start, _ in chunk]],
+            [[[start] for _, start, _ in chunk]], [[[size] for _, _, size in chunk]])
+        for (i, start, size), (code,) in zip(chunk, results[0]):
+            if code < 0:
+                raise error_for(code, f"sample {ref.sample_id!r}: get {keys[i]}")
+            if code != size:
+                raise StoreError(f"sample {ref.sample_id!r}: {keys[i]} gave {code} bytes at offset {start}, "
+                                 f"expected {size}")
 
     def release(self, lease: Lease) -> None:
         """Done with `lease`: its buffer range is reused. (Consume-once removal happens
@@ -389,6 +451,7 @@ class MooncakeStore:
     def close(self) -> None:
         """Disconnect; stop the service this store started, if any. Idempotent."""
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
         if self._client is not None:
             self._client.unregister_buffer(self._pool.ptr)
             self._client.close()
@@ -402,6 +465,13 @@ class MooncakeStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stop(fetches: list[Future]) -> None:
+    """Cancel the fetches not started yet and wait for the one running, if any."""
+    for fetch in fetches:
+        fetch.cancel()
+    wait(fetches)
 
 
 def _dtype(name: str) -> torch.dtype:
