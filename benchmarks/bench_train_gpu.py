@@ -12,7 +12,8 @@ in the same run.
 FLOPs per token: each TTT step runs q/k/v/o, the MLP and the draft lm_head plus
 causal attention over a mean prefix of T/2, three times (forward and backward);
 the fc runs once per token (three times, it is trained) and the frozen target
-lm_head once (forward only). Recomputation (checkpointed draft head) is not counted.
+lm_head once (forward only). Recomputation (checkpointed draft head, and the decoder
+layer under `--recompute always`, or auto at 16k+ tokens) is not counted.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def train_step(module, draft, teacher, batch, optimizer, params, autocast: bool)
 
 def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps) -> dict:
     params = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")  # as the trainer
     batch = random_batch(cfg, t, device, seed=rank)
     cuda = device.type == "cuda"
     if cuda:
@@ -154,13 +155,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
+    ap.add_argument("--recompute", default="auto", help="train.recompute: auto | always | never")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile layer and head")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     info = init_distributed("cpu" if args.small else "auto")
     device = info.device
     cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device)
-    module = apply_fsdp2(draft) if info.world_size > 1 else DraftLoss(draft)
+    options = {"recompute": args.recompute, "compile": args.compile}
+    module = apply_fsdp2(draft, **options) if info.world_size > 1 else DraftLoss(draft, **options)
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "world_size": info.world_size,
+              **options,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "attention": attention_from, "fsdp2": info.world_size > 1, "ttt_steps": TTT_STEPS, "runs": []}
     if device.type == "cuda":
@@ -184,7 +189,8 @@ def main() -> None:
 
 def print_table(result: dict) -> None:
     print(f"\n{result['device']} x{result['world_size']}, torch {result['torch']}, {result['date']}, "
-          f"bf16 matmul {result.get('matmul_tflops', float('nan')):.0f} TFLOP/s, attention: {result['attention']}")
+          f"bf16 matmul {result.get('matmul_tflops', float('nan')):.0f} TFLOP/s, attention: {result['attention']}, "
+          f"recompute {result['recompute']}, compile {result['compile']}")
     print(f"{'seq':>7} {'tok/s':>9} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7}")
     for r in result["runs"]:
         if "error" in r:

@@ -120,3 +120,43 @@ def test_torchrun_two_processes_shard_data_and_agree(tmp_path):
     assert sorted(ranks[0] + ranks[1]) == [f"s{i:06d}" for i in range(16)]  # 4 steps x 2 ranks x 2 = one epoch
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def _loss_module_grads(loss_module, draft, batch, teacher):
+    draft.zero_grad()
+    tg = teacher(batch.last_hidden)
+    masks = step_masks(batch.loss_mask, batch.lengths, tg, 4)
+    loss, _ = loss_module(batch, tg, masks, 0.8, [float(m.sum()) for m in masks])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("options", [{"recompute": "always"}, {"recompute": "always", "compile": True}])
+def test_recomputed_and_compiled_layer_give_the_eager_loss_and_gradients(options):
+    """train.recompute and train.compile change memory and speed, not the math."""
+    from draftflow.train.parallelize import DraftLoss
+
+    torch.manual_seed(0)
+    cfg = DraftModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8, vocab_size=40, draft_vocab_size=40, target_hidden_size=32,
+                           rms_norm_eps=1e-6, max_position_embeddings=64, aux_layer_ids=(0, 1, 2))
+    draft = Eagle3Draft(cfg)
+    draft.t2d.fill_(True)
+    teacher = Teacher(torch.randn(40, 32) * 3, torch.arange(40))
+    t = 20
+    batch = collate([{"input_ids": torch.randint(0, 40, (t,)), "loss_mask": torch.ones(t, dtype=torch.uint8),
+                      "aux_hidden": torch.randn(t, 96), "last_hidden": torch.randn(t, 32)}], ["a"])
+    l0, g0 = _loss_module_grads(DraftLoss(draft, recompute="never"), draft, batch, teacher)
+    l1, g1 = _loss_module_grads(DraftLoss(draft, **options), draft, batch, teacher)
+    assert g1.keys() == g0.keys() and "midlayer.mlp.up_proj.weight" in g1
+    exact = "compile" not in options  # recomputation repeats the same ops; a compiled graph fuses them
+    assert torch.allclose(l1, l0, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], rtol=0 if exact else 1e-4, atol=0 if exact else 1e-6), name
+
+
+def test_unknown_recompute_mode_names_the_key():
+    from draftflow.train.parallelize import DraftLoss
+
+    with pytest.raises(ValueError, match=r"train.recompute: 'sometimes', expected one of auto, always, never"):
+        DraftLoss(torch.nn.Linear(1, 1), recompute="sometimes")

@@ -49,7 +49,7 @@ def shifted_rows(x: torch.Tensor, shift: int, start: int, stop: int) -> torch.Te
     return rows
 
 
-def _head_terms(draft: Eagle3Draft, hidden_bch, log_p_bcv, mask_bc, argmax_bc, full_probs_bcv):
+def head_terms(draft: Eagle3Draft, hidden_bch, log_p_bcv, mask_bc, argmax_bc, full_probs_bcv):
     """Masked soft-CE sum of one chunk (differentiable), then its metric sums.
 
     The metrics come last so that checkpoint's recomputation in backward, which stops
@@ -66,7 +66,7 @@ def _head_terms(draft: Eagle3Draft, hidden_bch, log_p_bcv, mask_bc, argmax_bc, f
 
 
 def _chunk_terms(draft: Eagle3Draft, hidden: torch.Tensor, targets: Targets, mask: torch.Tensor, k: int,
-                 start: int, stop: int, recompute: bool):
+                 start: int, stop: int, recompute: bool, head=head_terms):
     """(ce_sum, correct, accept) over positions start:stop of unroll step k."""
     # No slice node when one chunk covers the sequence: the autograd graph, and so the
     # order in which gradients are summed, stays that of an unchunked loss.
@@ -74,13 +74,14 @@ def _chunk_terms(draft: Eagle3Draft, hidden: torch.Tensor, targets: Targets, mas
     args = (draft, rows, shifted_rows(targets.log_probs, 1 + k, start, stop), mask[:, start:stop],
             shifted_rows(targets.argmax, 1 + k, start, stop), shifted_rows(targets.full_probs, 1 + k, start, stop))
     if recompute:
-        return checkpoint(_head_terms, *args, use_reentrant=False)
-    return _head_terms(*args)
+        return checkpoint(head, *args, use_reentrant=False)
+    return head(*args)
 
 
 def chunked_ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[torch.Tensor], decay: float,
                      denominators: list[float], chunk: int = CHUNK_POSITIONS,
-                     recompute: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     recompute: bool | None = None, recompute_layer: bool = False,
+                     head=head_terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted TTT loss of one micro-batch and summed metric numerators, with the
     draft head run per chunk of positions.
 
@@ -88,8 +89,11 @@ def chunked_ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[to
     optimizer step; the loss is already divided by it, so micro-batch losses add up
     to the step's loss. Metrics come back as sums (ploss_k, acc_k, accept_k) to be
     divided by the same denominators after reduction. recompute (default: when the
-    draft is on CUDA) checkpoints each chunk's head, so memory for the [B, c, Vd]
-    log-probs is freed after every chunk instead of kept for backward.
+    draft is on CUDA; `DraftLoss` decides by micro-batch size) checkpoints each
+    chunk's head, so memory for the [B, c, Vd] log-probs is freed after every chunk
+    instead of kept for backward.
+    recompute_layer does the same for the decoder layer (see `Eagle3Draft.unroll`);
+    `head` may be a compiled `head_terms`.
     """
     if recompute is None:
         recompute = draft.lm_head.weight.is_cuda
@@ -97,10 +101,12 @@ def chunked_ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[to
     sums: dict[str, torch.Tensor] = {}
     ids_next = shift_left(batch.input_ids, 1)  # the draft at t is fed token t+1
     t = batch.input_ids.shape[1]
-    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, len(masks)):
-        ce_sum, correct, accept = _chunk_terms(draft, hidden, targets, masks[k], k, 0, min(chunk, t), recompute)
+    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, len(masks), recompute_layer):
+        ce_sum, correct, accept = _chunk_terms(draft, hidden, targets, masks[k], k, 0, min(chunk, t), recompute,
+                                               head)
         for start in range(chunk, t, chunk):  # further chunks, where the sequence is longer than one
-            more = _chunk_terms(draft, hidden, targets, masks[k], k, start, min(start + chunk, t), recompute)
+            more = _chunk_terms(draft, hidden, targets, masks[k], k, start, min(start + chunk, t), recompute,
+                                head)
             ce_sum, correct, accept = ce_sum + more[0], correct + more[1], accept + more[2]
         total = total + (decay ** k) * ce_sum / max(denominators[k], 1.0)
         sums[f"ploss_{k}"] = ce_sum.detach()

@@ -10,11 +10,13 @@ Shapes: B batch, T tokens, H hidden, A = 3H aux features, nh/nkv heads, hd head 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from draftflow.train.ttt_attention import ttt_attention
 
@@ -169,14 +171,23 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden_bth: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_bth))
 
-    def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int):
+    def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int, recompute: bool = False):
         """Test-time training forward: yields (k, hidden_bth) for k = 0..num_steps-1.
 
         Step k at position t sees the token ids[t + 1 + k] (callers pass ids already
         shifted by one: input_ids_bt[:, t] = ids[t + 1]) and the hidden state the
         draft itself produced at step k-1 (the fc-projected aux features at step 0).
         Step k sits at position t + k, as the k-th chained draft token does when served.
+
+        recompute: keep only each step's inputs, q/k/v and attention output for
+        backward and recompute the norms, projections and MLP there: about a fifth
+        more compute, and per step about six [T, H]-sized tensors kept instead of
+        some twenty plus the MLP's four [T, intermediate] ones.
         """
+        qkv, finish = self.midlayer.qkv, self.midlayer.finish
+        if recompute:
+            qkv = functools.partial(checkpoint, qkv, use_reentrant=False)
+            finish = functools.partial(checkpoint, finish, use_reentrant=False)
         b, t = input_ids_bt.shape
         hidden = self.fc(aux_bta.to(self.fc.weight.dtype))
         positions = torch.arange(t, device=input_ids_bt.device).expand(b, t)
@@ -186,11 +197,11 @@ class Eagle3Draft(nn.Module):
             ids_k = F.pad(input_ids_bt[:, k:], (0, k), value=0)
             embed = self.embed_tokens(ids_k).to(hidden.dtype)
             cos, sin = self.rope(positions + k, hidden.dtype)
-            q, key, value = self.midlayer.qkv(embed, hidden, cos, sin)
+            q, key, value = qkv(embed, hidden, cos, sin)
             keys.append(key)
             values.append(value)
             attn = self.midlayer.self_attn.attend_ttt(q, keys, values)
-            hidden = self.midlayer.finish(hidden, attn)
+            hidden = finish(hidden, attn)
             yield k, hidden
 
 

@@ -32,25 +32,61 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, list_checkpoints, read_meta, rng_state,
                                         set_rng_state)
-from draftflow.train.chunked_loss import chunked_ttt_loss
+from draftflow.train.chunked_loss import head_terms, chunked_ttt_loss
 from draftflow.train.model import Eagle3Draft
 
 LAYOUT = "dcp"
 
 
-class DraftLoss(nn.Module):
-    """The draft's TTT loss as a module forward (see module docstring)."""
+RECOMPUTE_MODES = ("auto", "always", "never")
+# Micro-batch tokens from which `auto` recomputes on CUDA: the draft head's [T, Vd]
+# float32 log-probs (about 1 GiB per 2048 positions and unroll step for a 32k draft
+# vocab), then the decoder layer's activations (about 2 GiB per 2048 positions over
+# 7 steps for an 8B-shaped draft).
+RECOMPUTE_HEAD_TOKENS = 4097
+RECOMPUTE_LAYER_TOKENS = 16384
 
-    def __init__(self, draft: Eagle3Draft):
+
+class DraftLoss(nn.Module):
+    """The draft's TTT loss as a module forward (see module docstring).
+
+    recompute (`train.recompute`): whether backward recomputes the draft head (per
+    chunk of positions) and the decoder layer instead of keeping their activations:
+    always, never, or auto (on CUDA, the head from RECOMPUTE_HEAD_TOKENS and the
+    layer from RECOMPUTE_LAYER_TOKENS tokens per micro-batch on, where activations
+    rather than weights fill the card; each costs compute). compile (`train.compile`): torch.compile the layer's
+    two halves and the draft head, fusing the norms, RoPE, SiLU and the soft
+    cross-entropy's elementwise work.
+    """
+
+    def __init__(self, draft: Eagle3Draft, recompute: str = "auto", compile: bool = False):
         super().__init__()
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"train.recompute: {recompute!r}, expected one of {', '.join(RECOMPUTE_MODES)}")
         self.draft = draft
+        self.recompute = recompute
+        self.head = head_terms
+        if compile:
+            draft.midlayer.qkv = torch.compile(draft.midlayer.qkv)
+            draft.midlayer.finish = torch.compile(draft.midlayer.finish)
+            self.head = torch.compile(head_terms)
+
+    def recomputes(self, batch) -> tuple[bool, bool]:
+        """(head, layer): what backward recomputes for this micro-batch."""
+        if self.recompute == "auto":
+            tokens = batch.input_ids.numel() if batch.input_ids.is_cuda else 0
+            return tokens >= RECOMPUTE_HEAD_TOKENS, tokens >= RECOMPUTE_LAYER_TOKENS
+        return (self.recompute == "always",) * 2
 
     def forward(self, batch, targets, masks, decay: float, denominators: list[float]):
-        return chunked_ttt_loss(self.draft, batch, targets, masks, decay, denominators)
+        head, layer = self.recomputes(batch)
+        return chunked_ttt_loss(self.draft, batch, targets, masks, decay, denominators, recompute=head,
+                                recompute_layer=layer, head=self.head)
 
 
 def apply_fsdp2(draft: Eagle3Draft, mesh: DeviceMesh | None = None,
-                param_dtype: torch.dtype = torch.bfloat16) -> DraftLoss:
+                param_dtype: torch.dtype = torch.bfloat16, recompute: str = "auto", compile: bool = False
+                ) -> DraftLoss:
     """Shard `draft` (already on this rank's device) over `mesh` (default: all ranks)
     and return the loss module to call. The frozen `embed_tokens` is sharded too
     but has no gradient, so an optimizer over `requires_grad` parameters keeps no
@@ -58,7 +94,7 @@ def apply_fsdp2(draft: Eagle3Draft, mesh: DeviceMesh | None = None,
     if mesh is None:
         device = next(draft.parameters()).device
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    module = DraftLoss(draft)
+    module = DraftLoss(draft, recompute, compile)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # One unit, kept gathered from forward to backward: the draft is one layer, and the
     # TTT unroll calls it num_steps times per forward.

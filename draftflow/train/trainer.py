@@ -101,9 +101,11 @@ class Trainer:
         # FSDP2 on multi-GPU runs; CPU/gloo keeps the replicated draft and the manual
         # gradient all-reduce (bit-exact with single-process runs).
         self.fsdp = dist.world_size > 1 and dist.device.type == "cuda"
-        self.loss_fn = apply_fsdp2(self.draft) if self.fsdp else DraftLoss(self.draft)
+        options = {"recompute": self.tc.recompute, "compile": self.tc.compile}
+        self.loss_fn = apply_fsdp2(self.draft, **options) if self.fsdp else DraftLoss(self.draft, **options)
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, weight_decay=self.tc.weight_decay,
+                                           fused=dist.device.type == "cuda")  # one kernel for all parameters
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio))
         self.order = SampleOrder(num_samples=source.num_samples, seed=self.tc.seed,
