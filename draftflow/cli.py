@@ -53,6 +53,18 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_regenerate(args) -> int:
+    from draftflow.data.regenerate import regenerate
+
+    cfg = _config(args)
+    stats = regenerate(cfg, args.out, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
+                       batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
+    print(f"regenerated {stats.replies} replies ({stats.new_tokens} tokens) in {stats.regenerated} of "
+          f"{stats.conversations} conversations in {stats.seconds:.0f} s -> {args.out}; train on it with "
+          f"data.sources=[{args.out}]")
+    return 0
+
+
 def cmd_capture(args) -> int:
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, resolve_aux_layer_ids
@@ -216,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="prepared dataset file (default <features.root>/prepared.safetensors)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("regenerate", help="rewrite the training conversations' replies with the target's own")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="JSONL file to write (use it as data.sources)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
+    p.add_argument("--max-turns", type=int, default=1, help="user turns answered per conversation")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    p.add_argument("--max-prompt-tokens", type=int, help="leave longer prompts' replies as they are "
+                   "(default data.max_length)")
+    p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("capture", help="run the target and write features to the store")
     _add_config_args(p)

@@ -385,11 +385,6 @@ def heldout_prompts(cfg, num_prompts: int) -> EvalPrompts:
     return EvalPrompts(prompts=prompts, eos_ids=tuple(sorted(eos)))
 
 
-def _target_eos(hf_config) -> set[int]:
-    eos = getattr(hf_config, "eos_token_id", None)
-    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-
-
 def summarize(generations: list[Generation], baselines: list[list[int]], depth: int) -> dict:
     """Acceptance figures of speculative runs, checked against plain greedy outputs."""
     rounds = [r for g in generations for r in g.rounds]
@@ -421,7 +416,7 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
     """Evaluate several drafts of one target on the same held-out prompts; the target,
     the prompts and the plain greedy baseline are loaded and computed once."""
     from draftflow.capture.capture import resolve_device_dtype
-    from draftflow.capture.target import load_target, resolve_aux_layer_ids
+    from draftflow.capture.target import load_target, resolve_aux_layer_ids, target_eos_ids
 
     for name, value in (("depth", depth), ("max_new_tokens", max_new_tokens), ("num_prompts", num_prompts)):
         if value < 1:
@@ -432,7 +427,7 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
         dtype = torch.float32  # exact greedy agreement; bf16 diverges on near-ties (module doc)
     target = load_target(cfg.target, device, dtype)
     aux_ids = resolve_aux_layer_ids(cfg.target, target.config.num_hidden_layers)
-    eos_ids = sorted(set(data.eos_ids) | _target_eos(target.config))
+    eos_ids = sorted(set(data.eos_ids) | target_eos_ids(target.config))
     embed = target.model.get_input_embeddings().weight
     drafts = {name: load_exported_draft(d, embed, aux_ids).to(device) for name, d in draft_dirs.items()}
     start = time.perf_counter()

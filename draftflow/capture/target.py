@@ -59,6 +59,12 @@ def config_hash(hf_config) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
+def target_eos_ids(hf_config) -> set[int]:
+    """The end-of-sequence ids a transformers config names (one id or a list)."""
+    eos = getattr(hf_config, "eos_token_id", None)
+    return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+
+
 def load_target(target_cfg, device: torch.device, dtype: torch.dtype) -> LoadedTarget:
     """Load the target named by `target_cfg` onto `device` in `dtype`, frozen."""
     if _source_kind(target_cfg) == "random":

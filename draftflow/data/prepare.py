@@ -64,6 +64,13 @@ def tokenize_conversation(tok, messages: Sequence[Message | dict], max_length: i
     return _encode(tok, [render_with_spans(tok, messages)], max_length)[0]
 
 
+def prompt_ids(tok, messages: Sequence[Message | dict]) -> list[int]:
+    """Token ids of `messages` rendered with the generation prompt (what the target
+    continues with an assistant reply), with a BOS where the tokenizer expects one."""
+    chat = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
+    return _encode(tok, [(_render(tok, chat, generation_prompt=True), [])], 2 ** 62)[0][0]
+
+
 def render_with_spans(tok, messages: Sequence[Message | dict]) -> tuple[str, list[tuple[int, int]]]:
     """The chat-template rendering and the [start, end) character span of each assistant turn."""
     chat = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
@@ -161,9 +168,7 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
         raise ValueError(f"data.num_heldout={data_cfg.num_heldout}: only {len(conversations)} "
                          f"conversation(s) were read from {data_cfg.sources}; expected more "
                          "than num_heldout")
-    order = list(range(len(conversations)))
-    random.Random(data_cfg.seed).shuffle(order)
-    shuffled = [conversations[i] for i in order]
+    shuffled = [conversations[i] for i in split_order(len(conversations), data_cfg)]
     heldout_convs = shuffled[:data_cfg.num_heldout]
     rest = shuffled[data_cfg.num_heldout:]
     train_convs = rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
@@ -175,6 +180,13 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
                          f"max_length={data_cfg.max_length})")
     _log_summary(log, data_cfg, len(conversations), train, heldout, skipped_t + skipped_h)
     return PreparedData(train=train, heldout=heldout)
+
+
+def split_order(num_conversations: int, data_cfg: DataConfig) -> list[int]:
+    """Conversation indices in shuffled order: the first `num_heldout` are held out."""
+    order = list(range(num_conversations))
+    random.Random(data_cfg.seed).shuffle(order)
+    return order
 
 
 def _check_config(cfg: DataConfig) -> None:

@@ -1,0 +1,70 @@
+"""Regenerating the training replies with the target: split kept, replies are the target's greedy decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftflow.capture.target import load_target
+from draftflow.cli import main
+from draftflow.config import load_config
+from draftflow.data.conversations import load_conversations
+from draftflow.data.prepare import prepare_dataset, prompt_ids
+from draftflow.data.regenerate import greedy_replies
+from draftflow.data.tokenizer import build_bytes_chatml_tokenizer
+from draftflow.evaluate import greedy_generate
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config([TINY], ["capture.device=cpu"])
+    return cfg, load_target(cfg.target, torch.device("cpu"), torch.float32)
+
+
+def test_batched_left_padded_replies_equal_one_by_one_greedy_decode(tiny):
+    cfg, target = tiny
+    tok = build_bytes_chatml_tokenizer()
+    convs = load_conversations(["builtin:tiny-chat"])[:5]
+    prompts = [prompt_ids(tok, c.messages[:1]) for c in convs]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    eos = {257}
+    budgets = [24, 5, 24, 17, 24]
+    batched = greedy_replies(target.model, prompts, budgets, eos, pad_id=258, batch_size=8)
+    for prompt, budget, got in zip(prompts, budgets, batched):
+        want = greedy_generate(target.model, prompt, budget, sorted(eos))
+        assert got == [t for t in want if t not in eos]
+
+
+def test_regenerated_file_keeps_order_split_and_heldout(tiny, tmp_path, capsys):
+    cfg, _ = tiny
+    out = tmp_path / "regen.jsonl"
+    assert main(["regenerate", "-c", str(TINY), "--out", str(out), "--max-new-tokens", "16", "--max-turns", "2",
+                 "capture.device=cpu", "data.max_samples=10"]) == 0
+    assert "regenerated" in capsys.readouterr().out
+    before = load_conversations(cfg.data.sources)
+    after = load_conversations([str(out)])
+    assert len(after) == len(before)
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a.messages != b.messages]
+    assert 0 < len(changed) <= 10
+    for i in changed:  # the same user turns, each answered by the target
+        users_before = [m for m in before[i].messages if m.role == "user"][:2]
+        users_after = [m for m in after[i].messages if m.role == "user"]
+        assert 1 <= len(users_after) and users_after == users_before[:len(users_after)]
+        assert after[i].messages[-1].role == "assistant"
+    tok = build_bytes_chatml_tokenizer()
+    old = prepare_dataset(cfg.data, tok)
+    new = prepare_dataset(load_config([TINY], [f"data.sources=[{out}]"]).data, tok)
+    assert [s.input_ids.tolist() for s in new.heldout] == [s.input_ids.tolist() for s in old.heldout]
+    first_train = json.loads(out.read_text().splitlines()[changed[0]])
+    assert first_train["messages"][1]["role"] == "assistant"
+
+
+def test_regenerate_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["regenerate", "-c", str(TINY), "--out", str(tmp_path / "x.jsonl"), "--max-turns", "0"]) == 2
+    assert "max_turns=0, expected at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
