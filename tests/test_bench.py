@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,79 @@ def test_benchmark_script_prints_the_table_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "put / write+fsync" in proc.stdout
     assert json.loads(out.read_text())["benchmark"] == "store_shared_dir"
+
+
+# ---- GPU benchmark scripts (issue #6: 3c, 3d) in their CPU --small mode --------------------------------
+
+def _run_small(script: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    """Run benchmarks/<script> --small with its scratch folder and JSON in tmp_path."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--small", "--work", str(tmp_path),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # scratch files removed
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_capture_benchmark_times_plain_forward_capture_and_store_on_the_same_tokens(tmp_path):
+    r, text = _run_small("bench_capture_gpu.py", tmp_path)
+    sizes = r["sizes"]
+    assert sizes["tokens"] == sizes["num_samples"] * sizes["max_length"]  # every sample cut to max_length
+    assert _positive(r["plain"]["tokens_per_s"])
+    for key in ("capture", "capture_store"):
+        assert _positive(r[key]["tokens_per_s"]) and _positive(r[key]["vs_plain"])
+    assert r["capture"]["num_puts"] == r["capture_store"]["num_puts"] == sizes["num_samples"]
+    assert math.isclose(sum(r["profile"]["shares"].values()), 1.0)
+    assert all(_positive(r["disk"][k]) for k in ("write_fsync_gbps", "read_cold_gbps", "read_warm_gbps"))
+    assert isinstance(r["targets"]["capture_vs_plain>=0.8"], bool)
+    assert "capture + shared_dir store" in text and "vs plain" in text
+
+
+def test_disagg_benchmark_runs_producer_consumer_and_reference_and_compares_steps(tmp_path):
+    r, text = _run_small("bench_disagg_gpu.py", tmp_path)
+    steps = r["steps"]
+    assert "error" not in r
+    assert r["consumer"]["num_steps"] == r["reference"]["num_steps"] == steps
+    for run in ("consumer", "reference"):
+        assert _positive(r[run]["median_step_s"]) and 0 <= r[run]["data_wait_share_all"] < 1
+    assert _positive(r["comparison"]["step_ratio"])
+    pair = r["pair"]
+    assert pair["consumer_end"][1] == 0 and pair["producer_end"][1] in (0, -15)  # -15: stopped by the benchmark
+    assert pair["samples_published"] >= 2 * steps + 2 or pair["producer_end"][1] == 0
+    assert 0 <= pair["consumer_steps_while_producer_published"] <= steps
+    assert r["data"]["draft_vocab_size"] == 259 and r["data"]["draft_vocab_ids_in_data"] <= 259
+    assert "consumer / reference median step" in text
+
+
+@pytest.fixture
+def bench_scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_disagg_gpu
+    return bench_disagg_gpu
+
+
+def test_disagg_summary_derives_step_time_and_data_wait_from_trainer_metrics(tmp_path, bench_scripts):
+    # 4 steps of one 100-token sample; step 1 waited 0.5 s of its 1 s, the others 0.01 s of 0.2 s.
+    rows = [(1, 100.0, 0.5), (2, 500.0, 0.05), (3, 500.0, 0.05), (4, 250.0, 0.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "tokens_per_s": tps, "data_wait_share": w, "loss": 1.0}) + "\n" for s, tps, w in rows))
+    (tmp_path / "samples.rank0.jsonl").write_text("".join(
+        json.dumps({"step": s, "samples": [f"s{s}"]}) + "\n" for s, _, _ in rows))
+    got = bench_scripts.summarize_run(tmp_path, {f"s{s}": 100 for s in range(1, 5)}, warmup=1)
+    assert got["num_steps"] == 4 and math.isclose(got["median_step_s"], 0.2)
+    assert math.isclose(got["first_step_wait_s"], 0.5)
+    assert math.isclose(got["data_wait_share_all"], (0.5 + 0.01 + 0.01) / (1.0 + 0.2 + 0.2 + 0.4))
+    assert math.isclose(got["data_wait_share_steady"], 0.02 / 0.8)
+
+
+def test_disagg_timeline_counts_producer_rate_and_overlapping_steps(bench_scripts):
+    # (t, refs journaled, steps logged): 4 refs a second from t=1, steps at t=2, 3, 4; last ref at t=3.
+    pair = {"points": [(0.0, 0, 0), (1.0, 4, 0), (2.0, 8, 1), (3.0, 12, 2), (4.0, 12, 3)],
+            "ends": {"producer": (3.5, 0), "consumer": (4.5, 0)}, "producer_stopped_at_s": None,
+            "reference_head_ready_s": 1.5}
+    got = bench_scripts.pair_timeline(pair, steps=3, tokens_per_sample=10)
+    assert got["samples_published"] == 12 and math.isclose(got["producer_tokens_per_s"], 8 * 10 / 2.0)
+    assert got["consumer_first_step_s"] == 2.0 and got["consumer_last_step_s"] == 4.0
+    assert got["consumer_steps_while_producer_published"] == 2
+    assert math.isclose(got["producer_tokens_per_s_while_consumer_trained"], 4 * 10 / 2.0)

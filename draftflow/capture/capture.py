@@ -196,8 +196,30 @@ def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: t
         # are computed and then dropped; they never feed a real token's features.
         model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
         aux, last = hooks.take()
-        aux = aux.to(feature_dtype).cpu()
-        last = last.to(feature_dtype).cpu()
+        aux, last = aux.to(feature_dtype), last.to(feature_dtype)
+        if aux.is_cuda:
+            return _to_pinned_samples(batch, aux, last)
+        aux, last = aux.cpu(), last.cpu()
     return [{"input_ids": item.input_ids, "loss_mask": item.loss_mask,
              "aux_hidden": aux[row, :item.num_tokens].clone(), "last_hidden": last[row, :item.num_tokens].clone()}
             for row, item in enumerate(batch)]
+
+
+def _to_pinned_samples(batch: list[_Item], aux: torch.Tensor, last: torch.Tensor) -> list[dict]:
+    """Each sample's rows copied straight from the GPU into its own pinned host tensors.
+
+    A pageable `.cpu()` of a whole batch ran at 1.3 GB/s on an H200 host (the copy is
+    staged and the fresh pages faulted in), then each sample was cloned out of it;
+    pinned copies run at the link's rate (~50 GB/s), and PyTorch's caching host
+    allocator hands the same pinned blocks back once the store has let go of them.
+    """
+    out = []
+    for row, item in enumerate(batch):
+        n = item.num_tokens
+        a = torch.empty((n, aux.shape[-1]), dtype=aux.dtype, pin_memory=True)
+        h = torch.empty((n, last.shape[-1]), dtype=last.dtype, pin_memory=True)
+        a.copy_(aux[row, :n], non_blocking=True)
+        h.copy_(last[row, :n], non_blocking=True)
+        out.append({"input_ids": item.input_ids, "loss_mask": item.loss_mask, "aux_hidden": a, "last_hidden": h})
+    torch.cuda.current_stream(aux.device).synchronize()  # the host tensors are complete from here
+    return out
