@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from draftflow.capture.target import load_target, load_target_head
 from draftflow.config import load_config
-from draftflow.evaluate import (Eagle3Proposer, _TargetRunner, accept_length, evaluate, format_results,
-                                greedy_generate, heldout_prompts, load_exported_draft, read_draft_config,
-                                speculative_decode, speculative_generate, summary_lines, write_json)
+from draftflow.evaluate import (evaluate, format_results, heldout_prompts, load_exported_draft, read_draft_config,
+                                summary_lines, write_json)
+from draftflow.speculative import (Eagle3Proposer, _TargetRunner, accept_length, greedy_generate, speculative_decode,
+                                   speculative_generate)
 from draftflow.export import export_draft
 from draftflow.roles import plan_data, target_hf_config
 from draftflow.train.trainer import TargetHead, build_draft, build_draft_config

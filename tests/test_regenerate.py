@@ -15,7 +15,7 @@ from draftflow.data.conversations import load_conversations
 from draftflow.data.prepare import prepare_dataset, prompt_ids
 from draftflow.data.regenerate import greedy_replies
 from draftflow.data.tokenizer import build_bytes_chatml_tokenizer
-from draftflow.evaluate import greedy_generate
+from draftflow.speculative import greedy_generate
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 
