@@ -338,3 +338,35 @@ def test_manifest_of_unknown_format_version_is_refused(tmp_path):
     edit_record(tmp_path / HEADER_FILE, "header", "format_version", 2)
     with pytest.raises(ManifestError, match="manifest format version 2; this DraftFlow reads 1"):
         ManifestReader(tmp_path, SECRET)
+
+
+# ------------------------------------------------------------------ consume-once claims
+
+def test_consumers_holding_claims_do_not_wait_on_each_other(tmp_path):
+    """Two consumers each hold one untrained claim at the end of a sealed run: neither
+    may block on the other's claim (that deadlocked until the wait timeout)."""
+    from draftflow.control.claims import ClaimBook
+    from draftflow.control.sources import ClaimingRefSource
+    from draftflow.train.batches import EndOfStream, Pending
+
+    class Store:
+        def delete(self, ref):
+            pass
+
+    write_run(tmp_path, n=2)
+    a, b = (ClaimingRefSource(ManifestReader(tmp_path, SECRET), Store(),
+                              ClaimBook(tmp_path / "claims", owner, claim_timeout_s=60), timeout_s=30, poll_s=0.01)
+            for owner in ("a", "b"))
+    x = a.resolve(0)
+    y = b.resolve(0)
+    assert {x.sample_id, y.sample_id} == {"s0000", "s0001"}
+    start = time.monotonic()
+    with pytest.raises(Pending):
+        a.resolve(1)  # y is claimed by b, and a still holds x
+    with pytest.raises(Pending):
+        b.resolve(1)
+    assert time.monotonic() - start < 5
+    a.trained([x.sample_id])
+    b.trained([y.sample_id])
+    with pytest.raises(EndOfStream):  # all done: nothing left to wait for
+        a.resolve(1)

@@ -17,7 +17,7 @@ import time
 from draftflow.control.claims import ClaimBook
 from draftflow.control.manifest import ManifestReader
 from draftflow.records import SampleRef
-from draftflow.train.batches import EndOfStream
+from draftflow.train.batches import EndOfStream, Pending
 
 log = logging.getLogger("draftflow.sources")
 
@@ -50,7 +50,9 @@ class ClaimingRefSource:
     its data freed only by `trained`, after the optimizer step that used it, so a
     consumer that dies mid-step loses nothing: its claims go stale and are taken over.
     After the run is sealed, samples still claimed by others are retried until they
-    are done or their claim goes stale."""
+    are done or their claim goes stale; while this consumer still holds untrained
+    claims of its own, `resolve` raises `Pending` instead of waiting (two consumers
+    each holding a claim and waiting for the other's would otherwise deadlock)."""
 
     def __init__(self, reader: ManifestReader, store, claims: ClaimBook, timeout_s: float,
                  poll_s: float = 0.2):
@@ -108,6 +110,10 @@ class ClaimingRefSource:
                     del self._skipped[i]
                     return ref
             if self._skipped:
+                if self._handed:
+                    # Samples we claimed are not trained yet; another consumer may be waiting
+                    # on them as we would wait on its claims. Train ours first.
+                    raise Pending
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{len(self._skipped)} sample(s) stayed claimed by other consumers "
                                        f"for {self._timeout_s:g} s without being trained")

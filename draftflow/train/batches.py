@@ -58,6 +58,12 @@ class EndOfStream(Exception):
     """A ref source has no more samples (a consume-once stream of a sealed run)."""
 
 
+class Pending(Exception):
+    """A ref source has nothing to hand out until the samples it already handed out
+    are trained (consume-once: waiting on other consumers' claims while holding claims
+    of our own could deadlock two consumers that each wait on the other's)."""
+
+
 class RefSource(Protocol):
     """Maps a sample index to its ref; a streaming source blocks until it exists."""
 
@@ -135,12 +141,14 @@ class FeatureLoader:
     def load_step(self, step: int) -> list[TrainBatch]:
         """The micro-batches of one step; fewer or smaller ones when a stream ends
         inside the step (the tail is trained, not dropped); [] once it has ended."""
-        batches = []
+        batches, pending = [], False
         for indices in self.order.micro_batches(step):
             refs = []
             try:
                 for i in indices:
                     refs.append(self.source.resolve(i))
+            except Pending:
+                pending = True  # train what this step holds; the source is not finished
             except EndOfStream:
                 self.ended = True
             if not refs:
@@ -155,7 +163,7 @@ class FeatureLoader:
             finally:
                 for lease in leases:
                     self.store.release(lease)
-            if self.ended:
+            if self.ended or pending:
                 break
         return batches
 
@@ -163,6 +171,10 @@ class FeatureLoader:
         try:
             for step in range(start, end):
                 item = (step, self.load_step(step))
+                while not item[1] and not self.ended:  # Pending with nothing in hand: the trainer
+                    if self._stop.wait(0.05):          # must first train the steps queued before
+                        return
+                    item = (step, self.load_step(step))
                 if not item[1]:
                     self.queue.put(item)
                     return
