@@ -67,4 +67,6 @@ def test_regenerated_file_keeps_order_split_and_heldout(tiny, tmp_path, capsys):
 def test_regenerate_rejects_bad_arguments(tmp_path, capsys):
     assert main(["regenerate", "-c", str(TINY), "--out", str(tmp_path / "x.jsonl"), "--max-turns", "0"]) == 2
     assert "max_turns=0, expected at least 1" in capsys.readouterr().err
+    assert main(["regenerate", "-c", str(TINY), "--out", str(tmp_path / "x.jsonl"), "--max-prompt-tokens", "0"]) == 2
+    assert "max_prompt_tokens=0, expected at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()

@@ -113,7 +113,8 @@ def greedy_replies(model, prompts: list[list[int]], budgets: list[int], eos_ids:
 
 def regenerate_conversations(model, tok, conversations: list[Conversation], which: list[int], *,
                              max_length: int, max_new_tokens: int, max_turns: int, batch_size: int,
-                             max_prompt_tokens: int, eos_ids: set[int], log: logging.Logger = _LOG) -> tuple[list[Conversation], int, int]:
+                             max_prompt_tokens: int, eos_ids: set[int], log: logging.Logger = _LOG
+                             ) -> tuple[list[Conversation], int, int]:
     """Replace the assistant turns of `conversations[i]` for i in `which`; returns the
     new list (same length and order), the number of replies and of generated tokens."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
@@ -171,7 +172,8 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     from draftflow.data.tokenizer import load_tokenizer
     from draftflow.roles import tokenizer_spec
 
-    for name, value in (("max_new_tokens", max_new_tokens), ("max_turns", max_turns), ("batch_size", batch_size)):
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_turns", max_turns), ("batch_size", batch_size),
+                        ("max_prompt_tokens", 1 if max_prompt_tokens is None else max_prompt_tokens)):
         if value < 1:
             raise ValueError(f"regenerate: {name}={value}, expected at least 1")
     out = Path(out)
@@ -193,7 +195,7 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     new, replies, tokens = regenerate_conversations(
         target.model, tok, conversations, which, max_length=cfg.data.max_length, max_new_tokens=max_new_tokens,
         max_turns=max_turns, batch_size=batch_size, eos_ids=eos, log=log,
-        max_prompt_tokens=max_prompt_tokens or cfg.data.max_length)
+        max_prompt_tokens=cfg.data.max_length if max_prompt_tokens is None else max_prompt_tokens)
     write_jsonl(out, new)
     changed = sum(a is not b for a, b in zip(conversations, new))
     return RegenerateStats(conversations=len(new), regenerated=changed, replies=replies, new_tokens=tokens,

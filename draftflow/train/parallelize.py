@@ -32,7 +32,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, list_checkpoints, read_meta, rng_state,
                                         set_rng_state)
-from draftflow.train.chunked_loss import head_terms, chunked_ttt_loss
+from draftflow.train.chunked_loss import chunked_ttt_loss, head_terms
 from draftflow.train.model import Eagle3Draft
 
 LAYOUT = "dcp"
@@ -54,9 +54,9 @@ class DraftLoss(nn.Module):
     chunk of positions) and the decoder layer instead of keeping their activations:
     always, never, or auto (on CUDA, the head from RECOMPUTE_HEAD_TOKENS and the
     layer from RECOMPUTE_LAYER_TOKENS tokens per micro-batch on, where activations
-    rather than weights fill the card; each costs compute). compile (`train.compile`): torch.compile the layer's
-    two halves and the draft head, fusing the norms, RoPE, SiLU and the soft
-    cross-entropy's elementwise work.
+    rather than weights fill the card; each costs compute). compile (`train.compile`):
+    torch.compile the layer's two halves and the draft head, fusing the norms, RoPE,
+    SiLU and the soft cross-entropy's elementwise work.
     """
 
     def __init__(self, draft: Eagle3Draft, recompute: str = "auto", compile: bool = False):
