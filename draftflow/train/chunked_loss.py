@@ -8,8 +8,9 @@ what the whole did for its rows):
   the draft-vocab log-probs, the full-vocab probabilities at the draft ids [B, T, Vd]
   and the argmax [B, T] are kept;
 - each unroll step's draft head (norm, lm_head, log_softmax, soft CE) runs per
-  chunk under activation checkpointing, so autograd keeps the chunk's hidden
-  state [B, c, H] instead of its [B, c, Vd] log-probs; backward recomputes them.
+  chunk, under activation checkpointing where the caller asks for it (long
+  micro-batches on CUDA), so autograd keeps the chunk's hidden state [B, c, H]
+  instead of its [B, c, Vd] log-probs; backward recomputes them.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _chunk_terms(draft: Eagle3Draft, hidden: torch.Tensor, targets: Targets, mas
 
 def chunked_ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[torch.Tensor], decay: float,
                      denominators: list[float], chunk: int = CHUNK_POSITIONS,
-                     recompute: bool | None = None, recompute_layer: bool = False,
+                     recompute: bool = False, recompute_layer: bool = False,
                      head=head_terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted TTT loss of one micro-batch and summed metric numerators, with the
     draft head run per chunk of positions.
@@ -88,15 +89,12 @@ def chunked_ttt_loss(draft: Eagle3Draft, batch, targets: Targets, masks: list[to
     `denominators[k]` is the number of valid positions of step k in the whole
     optimizer step; the loss is already divided by it, so micro-batch losses add up
     to the step's loss. Metrics come back as sums (ploss_k, acc_k, accept_k) to be
-    divided by the same denominators after reduction. recompute (default: when the
-    draft is on CUDA; `DraftLoss` decides by micro-batch size) checkpoints each
+    divided by the same denominators after reduction. recompute checkpoints each
     chunk's head, so memory for the [B, c, Vd] log-probs is freed after every chunk
-    instead of kept for backward.
+    instead of kept for backward (`DraftLoss` decides, by device and micro-batch size).
     recompute_layer does the same for the decoder layer (see `Eagle3Draft.unroll`);
     `head` may be a compiled `head_terms`.
     """
-    if recompute is None:
-        recompute = draft.lm_head.weight.is_cuda
     total = torch.zeros((), device=batch.input_ids.device)
     sums: dict[str, torch.Tensor] = {}
     ids_next = shift_left(batch.input_ids, 1)  # the draft at t is fed token t+1
