@@ -269,12 +269,12 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     """Merge YAML files (later wins), then dotted overrides, into a validated Config."""
     tree: dict = {}
     for f in files:
-        data = load_yaml(f)
+        merged = _merge(tree, load_yaml(f))
         try:
-            _build(Config, _merge(tree, data), "")  # name the file that brings a bad key
+            _build(Config, merged, "")  # name the file that brings a bad key
         except ValueError as e:
             raise ValueError(f"config file {f}: {e}") from None
-        tree = _merge(tree, data)
+        tree = merged
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

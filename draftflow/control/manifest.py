@@ -178,11 +178,9 @@ def _read_state(control_dir: Path, secret: bytes, header_sig: str) -> tuple[Mani
     """The signed final state and the last chain HMAC it seals, or None while in progress."""
     path = control_dir / STATE_FILE
     try:
-        doc = json.loads(path.read_bytes())
+        doc = _load_json(path, "the state record")
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        raise TamperedManifestError(f"{path}: the state record is not valid JSON ({e}); corrupt or tampered") from None
     payload, sig = _signed_part(doc, path, "state")
     if not verify(payload, sig, secret):
         raise TamperedManifestError(f"{path}: state record signature does not match its content (tampered)")

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from draftflow.config import DataConfig
 from draftflow.data.conversations import Conversation, Message, load_conversations
+from draftflow.fsutil import fsync_dir
 
 _LOG = logging.getLogger("draftflow.data")
 
@@ -168,10 +169,9 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
         raise ValueError(f"data.num_heldout={data_cfg.num_heldout}: only {len(conversations)} "
                          f"conversation(s) were read from {data_cfg.sources}; expected more "
                          "than num_heldout")
-    shuffled = [conversations[i] for i in split_order(len(conversations), data_cfg)]
-    heldout_convs = shuffled[:data_cfg.num_heldout]
-    rest = shuffled[data_cfg.num_heldout:]
-    train_convs = rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
+    heldout_idx, train_idx = split_indices(len(conversations), data_cfg)
+    heldout_convs = [conversations[i] for i in heldout_idx]
+    train_convs = [conversations[i] for i in train_idx]
     heldout, skipped_h = _tokenize_split(tok, heldout_convs, data_cfg.max_length, "h")
     train, skipped_t = _tokenize_split(tok, train_convs, data_cfg.max_length, "s")
     if not train:
@@ -182,11 +182,13 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
     return PreparedData(train=train, heldout=heldout)
 
 
-def split_order(num_conversations: int, data_cfg: DataConfig) -> list[int]:
-    """Conversation indices in shuffled order: the first `num_heldout` are held out."""
+def split_indices(num_conversations: int, data_cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(held-out, training) conversation indices, each in shuffled order: after a seeded
+    shuffle the first `num_heldout` are held out, the next `max_samples` (all if None) train."""
     order = list(range(num_conversations))
     random.Random(data_cfg.seed).shuffle(order)
-    return order
+    rest = order[data_cfg.num_heldout:]
+    return order[:data_cfg.num_heldout], rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -289,11 +291,7 @@ def save_prepared(path: str | Path, data: PreparedData) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

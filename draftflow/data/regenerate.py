@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from draftflow.data.conversations import Conversation, Message, load_conversations
-from draftflow.data.prepare import prompt_ids, split_order
+from draftflow.data.prepare import prompt_ids, split_indices
 from draftflow.fsutil import fsync_dir
 
 _LOG = logging.getLogger("draftflow.data")
@@ -179,9 +179,7 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     out = Path(out)
     start = time.perf_counter()
     conversations = load_conversations(cfg.data.sources, cfg.data.strict, log)
-    order = split_order(len(conversations), cfg.data)
-    train = order[cfg.data.num_heldout:]
-    which = sorted(train if cfg.data.max_samples is None else train[:cfg.data.max_samples])
+    which = sorted(split_indices(len(conversations), cfg.data)[1])
     tok = load_tokenizer(tokenizer_spec(cfg))
     device, dtype = resolve_device_dtype(cfg.capture)
     if cfg.capture.dtype == "auto":

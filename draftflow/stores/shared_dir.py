@@ -30,8 +30,9 @@ from typing import Mapping
 import torch
 
 from draftflow.control.claims import default_owner
+from draftflow.control.manifest import RELEASE_POLICIES
 from draftflow.records import SampleRef
-from draftflow.stores.base import Lease, StoreError
+from draftflow.stores.base import StoreError
 from draftflow.stores.local import LocalStore
 
 _COUNTER_WIDTH = 20  # digits; fits any byte count, so every write has the same size
@@ -39,7 +40,7 @@ _COUNTER_WIDTH = 20  # digits; fits any byte count, so every write has the same 
 
 def resolve_release(policy: str) -> str:
     """`auto` -> `retain` (the trainer may run several epochs); others unchanged."""
-    if policy not in ("auto", "retain", "consume_once"):
+    if policy not in RELEASE_POLICIES:
         raise ValueError(f"features.release: {policy!r}, expected auto, retain or consume_once")
     return "retain" if policy == "auto" else policy
 
