@@ -110,7 +110,7 @@ def verify_store(root: str | Path, secret: bytes) -> list[str]:
         if ref.sample_id in done and not store.path_of(ref.sample_id).exists():
             continue
         try:
-            store.get(ref)
+            store.release(store.get(ref))  # back to the read-buffer pool
         except StoreError as e:
             problems.append(str(e))
     for path in _sample_files(root):
@@ -127,7 +127,7 @@ def _verify_unlisted(store: LocalStore, sample_id: str) -> list[str]:
     """Check a file not (yet) in the manifest against the ref kept in its own header."""
     try:
         ref = SampleRef.from_dict(json.loads(read_metadata(store.path_of(sample_id))[REF_KEY]))
-        store.get(ref)
+        store.release(store.get(ref))
     except (StoreError, KeyError, ValueError) as e:
         return [f"sample {sample_id!r}: {e}"]
     return []

@@ -8,6 +8,7 @@ colocated and a consumer run build byte-identical batches from the same order.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -103,9 +104,8 @@ class SampleOrder:
     world_size: int = 1
     rank: int = 0
 
-    def epoch_perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g).tolist()
+    def epoch_perm(self, epoch: int) -> tuple[int, ...]:
+        return _epoch_perm(self.seed, self.num_samples, epoch)
 
     def micro_batches(self, step: int) -> list[list[int]]:
         per_step = self.world_size * self.grad_accum * self.batch_size
@@ -122,6 +122,13 @@ class SampleOrder:
 
     def epoch_of(self, step: int) -> float:
         return step * self.world_size * self.grad_accum * self.batch_size / self.num_samples
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_perm(seed: int, num_samples: int, epoch: int) -> tuple[int, ...]:
+    """The seeded order of one epoch (cached: every sample of a step looks it up)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_samples, generator=g).tolist())
 
 
 class FeatureLoader:

@@ -15,8 +15,9 @@ what the whole did for its rows):
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from draftflow.train.loss import Targets, Teacher, shift_left
@@ -28,17 +29,9 @@ CHUNK_POSITIONS = 2048  # [B, 2048, 128256] float32 logits: 1 GiB per sample for
 @torch.no_grad()
 def chunked_targets(teacher: Teacher, last_hidden_bth: torch.Tensor, chunk: int = CHUNK_POSITIONS) -> Targets:
     """`teacher(last_hidden_bth)`, holding full-vocab logits for `chunk` positions at a time."""
-    parts = []
-    for start in range(0, last_hidden_bth.shape[1], chunk):
-        h = last_hidden_bth[:, start : start + chunk]
-        logits = F.linear(h.to(teacher.weight.dtype), teacher.weight).float()  # [B, c, V]
-        full_log_probs = torch.log_softmax(logits, -1)
-        draft_logits = logits[..., teacher.draft_ids]
-        argmax = logits.argmax(-1)
-        parts.append((torch.log_softmax(draft_logits, -1), full_log_probs[..., teacher.draft_ids].exp(), argmax))
-        del logits, full_log_probs, draft_logits
-    log_probs, full_probs, argmax = (torch.cat(p, dim=1) for p in zip(*parts))
-    return Targets(log_probs=log_probs, full_probs=full_probs, argmax=argmax, valid=teacher.t2d[argmax])
+    parts = [teacher(last_hidden_bth[:, start : start + chunk])
+             for start in range(0, last_hidden_bth.shape[1], chunk)]  # full-vocab logits die with each call
+    return Targets(*(torch.cat([getattr(p, f.name) for p in parts], dim=1) for f in dataclasses.fields(Targets)))
 
 
 def shifted_rows(x: torch.Tensor, shift: int, start: int, stop: int) -> torch.Tensor:

@@ -6,6 +6,15 @@ import json
 from pathlib import Path
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """On resume, drop a JSONL log's lines of steps after the checkpoint, so the file
+    reads as one uninterrupted run (those steps are redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, resume_step: int, tensorboard: bool, enabled: bool):
         self.enabled = enabled
@@ -14,20 +23,11 @@ class MetricsLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        truncate_after(self.path, resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint, so the file reads as
-        one uninterrupted run."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -21,7 +21,7 @@ from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder, Train
 from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier
 from draftflow.train.chunked_loss import chunked_targets
 from draftflow.train.loss import Teacher, step_masks
-from draftflow.train.metrics import MetricsLogger
+from draftflow.train.metrics import MetricsLogger, truncate_after
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallelize import DraftLoss, apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
 from draftflow.train.vocab import vocab_maps
@@ -174,13 +174,6 @@ class Trainer:
         with open(self._samples_log(), "a") as f:
             f.write(json.dumps({"step": step, "samples": ids}) + "\n")
 
-    def _trim_samples_log(self, step: int) -> None:
-        """On resume, forget steps trained after the checkpoint (they are redone)."""
-        path = self._samples_log()
-        if path.exists():
-            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            path.write_text("".join(l + "\n" for l in keep))
-
     def _any_has_data(self, have: bool) -> bool:
         """Ranks step together while any has data (the others contribute zeros), so
         no rank's tail is dropped and no collective hangs."""
@@ -223,7 +216,7 @@ class Trainer:
         """Train to train.max_steps (or stop early after `stop_after` steps, for tests
         of interruption); returns the last checkpoint folder on rank 0."""
         start = self.resume_step()
-        self._trim_samples_log(start)
+        truncate_after(self._samples_log(), start)  # steps after the checkpoint are redone
         end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)
         logger = MetricsLogger(self.output_dir, start, self.tc.tensorboard, self.dist.is_main)
         loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=self.check_ref)
