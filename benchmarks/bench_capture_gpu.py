@@ -64,7 +64,8 @@ import yaml
 
 from bench_train_gpu import LLAMA31_8B
 from draftflow.bench.store_shared_dir import drop_cache, raw_read, raw_write, sample_bytes
-from draftflow.capture.capture import _FeatureHooks, _to_pinned_samples, capture_features, pack_batches
+from draftflow.capture.capture import (_FeatureHooks, _to_pinned_samples, capture_features, pack_batches,
+                                       pad_batch)
 from draftflow.capture.target import LoadedTarget, config_hash, resolve_aux_layer_ids
 from draftflow.config import Config, load_config
 from draftflow.roles import (PublishingStore, build_provenance, feature_dtype, plan_data, produce, publishing_run,
@@ -196,23 +197,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _padded(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention mask of a packed batch, as capture builds them."""
-    ids = torch.zeros(len(batch), batch[0].num_tokens, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, sample in enumerate(batch):
-        ids[row, :sample.num_tokens] = torch.as_tensor(sample.input_ids)
-        mask[row, :sample.num_tokens] = 1
-    return ids, mask
-
-
 def time_plain(model, batches, device: torch.device) -> float:
     """Seconds for the base model's forward over every batch (no lm_head, no copies back)."""
     _sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            ids, mask = _padded(batch)
+            ids, mask = pad_batch(batch)
             model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     _sync(device)
     return time.perf_counter() - start
@@ -261,7 +252,7 @@ def profile_capture(model, aux_ids, batches, device: torch.device) -> dict:
     d2h_bytes, pinned = 0, {}
     with _FeatureHooks(model, aux_ids) as hooks, torch.inference_mode():
         for batch in batches:
-            ids, mask = _padded(batch)
+            ids, mask = pad_batch(batch)
             t0 = time.perf_counter()
             model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             _sync(device)

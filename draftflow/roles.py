@@ -23,8 +23,8 @@ import torch
 
 import draftflow
 from draftflow.capture.capture import capture_features, resolve_device_dtype
-from draftflow.capture.target import (LoadedTarget, config_hash, load_target, load_target_head,
-                                      random_identity, resolve_aux_layer_ids, resolve_target_folder)
+from draftflow.capture.target import (LoadedTarget, config_hash, load_target, load_target_head, random_config,
+                                      resolve_aux_layer_ids, resolve_target_folder, target_identity)
 from draftflow.config import Config
 from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
                                         wait_for_header)
@@ -88,20 +88,16 @@ def plan_data(cfg: Config, vocab_size: int) -> DataPlan:
 
 def target_hf_config(cfg: Config):
     """The target's transformers config, without loading its weights."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig
 
     if cfg.target.random is not None:
-        return LlamaConfig(**cfg.target.random)
+        return random_config(cfg.target)
     return AutoConfig.from_pretrained(str(resolve_target_folder(cfg.target)))
-
-
-def target_identity(cfg: Config) -> str:
-    return random_identity(cfg.target) if cfg.target.random is not None else str(cfg.target.path)
 
 
 def build_provenance(cfg: Config, hf_config, aux_ids: list[int], tokenizer_hash_: str, data_hash_: str
                      ) -> Provenance:
-    return Provenance(target=target_identity(cfg), target_config_hash=config_hash(hf_config),
+    return Provenance(target=target_identity(cfg.target), target_config_hash=config_hash(hf_config),
                       tokenizer_hash=tokenizer_hash_, hidden_size=hf_config.hidden_size,
                       vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),
                       feature_dtype=cfg.features.dtype, data_hash=data_hash_,
@@ -284,7 +280,7 @@ def consumer_provenance(cfg: Config, header: ManifestHeader) -> Provenance:
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     produced = header.provenance
     # A random target is defined by its config and seed: compare its identity too.
-    target = target_identity(cfg) if cfg.target.random is not None else produced.target
+    target = target_identity(cfg.target) if cfg.target.random is not None else produced.target
     return Provenance(target=target, target_config_hash=config_hash(hf_config),
                       tokenizer_hash=tokenizer_hash(tok), hidden_size=hf_config.hidden_size,
                       vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),

@@ -181,15 +181,20 @@ class _FeatureHooks:
         return aux, last
 
 
-def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype) -> list[dict]:
-    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU."""
-    device = next(model.parameters()).device
-    max_len = batch[0].num_tokens
-    input_ids = torch.zeros(len(batch), max_len, dtype=torch.int64)
-    attention_mask = torch.zeros(len(batch), max_len, dtype=torch.int64)
+def pad_batch(batch: Sequence[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids [n, longest] and attention mask of a packed batch (longest first)."""
+    input_ids = torch.zeros(len(batch), batch[0].num_tokens, dtype=torch.int64)
+    attention_mask = torch.zeros_like(input_ids)
     for row, item in enumerate(batch):
         input_ids[row, :item.num_tokens] = item.input_ids
         attention_mask[row, :item.num_tokens] = 1
+    return input_ids, attention_mask
+
+
+def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype) -> list[dict]:
+    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = pad_batch(batch)
     with torch.inference_mode():
         # Right padding with a causal model: a real position only attends to earlier
         # positions, all real, and the mask also hides padding keys. Padding positions

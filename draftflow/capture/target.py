@@ -69,13 +69,10 @@ def load_target(target_cfg, device: torch.device, dtype: torch.dtype) -> LoadedT
     """Load the target named by `target_cfg` onto `device` in `dtype`, frozen."""
     if _source_kind(target_cfg) == "random":
         model = build_random_model(target_cfg)
-        identity = random_identity(target_cfg)
     else:
-        folder = resolve_target_folder(target_cfg)
-        model = _load_folder_model(folder, dtype)
-        identity = str(target_cfg.path)
+        model = _load_folder_model(resolve_target_folder(target_cfg), dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedTarget(model=model, config=model.config, identity=identity,
+    return LoadedTarget(model=model, config=model.config, identity=target_identity(target_cfg),
                         config_hash=config_hash(model.config))
 
 
@@ -88,7 +85,7 @@ def _source_kind(target_cfg) -> str:
     return "path" if has_path else "random"
 
 
-def _random_config(target_cfg) -> LlamaConfig:
+def random_config(target_cfg) -> LlamaConfig:
     if not isinstance(target_cfg.random, dict):
         raise ValueError(f"target.random: expected a mapping of LlamaConfig fields, got {target_cfg.random!r}")
     try:
@@ -97,9 +94,14 @@ def _random_config(target_cfg) -> LlamaConfig:
         raise ValueError(f"target.random: not a valid LlamaConfig ({e})") from None
 
 
+def target_identity(target_cfg) -> str:
+    """What names the target in provenance: 'random:<hash>' or target.path as configured."""
+    return random_identity(target_cfg) if target_cfg.random is not None else str(target_cfg.path)
+
+
 def random_identity(target_cfg) -> str:
     """'random:<hash>' of the random target's config and seed."""
-    cfg = _random_config(target_cfg)
+    cfg = random_config(target_cfg)
     raw = json.dumps({"config": config_hash(cfg), "seed": target_cfg.seed}, sort_keys=True).encode()
     return "random:" + hashlib.sha256(raw).hexdigest()[:16]
 
@@ -110,7 +112,7 @@ def build_random_model(target_cfg) -> LlamaForCausalLM:
     The caller's global RNG is left untouched (fork_rng), so building a target never
     shifts the data order or the draft's initialisation.
     """
-    cfg = _random_config(target_cfg)
+    cfg = random_config(target_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(target_cfg.seed)
         model = LlamaForCausalLM(cfg)

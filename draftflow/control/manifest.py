@@ -23,13 +23,12 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from draftflow.control.signing import canonical_json, key_id, sign, verify
-from draftflow.fsutil import fsync_dir
+from draftflow.fsutil import write_atomic
 from draftflow.records import FORMAT_VERSION, Provenance, SampleRef, assert_no_tensors
 
 HEADER_FILE = "header.json"
@@ -119,23 +118,6 @@ class ManifestState:
 
 
 # ---------------------------------------------------------------- file helpers
-
-def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Temp file + fsync + rename (or link, which fails if `path` exists) + fsync folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)  # atomic create-if-absent, also on NFS
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
 
 def _load_json(path: Path, what: str) -> Any:
     try:
@@ -302,7 +284,7 @@ class ManifestWriter:
         payload = {**header.to_dict(), "key_id": key_id(self._secret)}
         doc = canonical_json({"header": payload, "sig": sign(payload, self._secret)})
         try:
-            _write_atomic(self.control_dir / HEADER_FILE, doc, exclusive=True)
+            write_atomic(self.control_dir / HEADER_FILE, doc, exclusive=True)
         except FileExistsError:
             pass  # a rerun, or another producer: compare with what is there
         existing, sig = _read_header(self.control_dir, self._secret)
@@ -374,7 +356,7 @@ class ManifestWriter:
 
     def _write_state(self, state: ManifestState) -> None:
         doc = _state_doc(state, self._cursor.last_mac, self._header_sig, self._secret)
-        _write_atomic(self.control_dir / STATE_FILE, doc)
+        write_atomic(self.control_dir / STATE_FILE, doc)
 
     def close(self) -> None:
         self._journal.close()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 
 from draftflow.data.conversations import Conversation, Message, load_conversations
 from draftflow.data.prepare import prompt_ids, split_indices
-from draftflow.fsutil import fsync_dir
+from draftflow.fsutil import write_atomic
 
 _LOG = logging.getLogger("draftflow.data")
 # Padded prompt tokens per generate call: the prefill of long prompts is what costs
@@ -153,14 +152,8 @@ def regenerate_conversations(model, tok, conversations: list[Conversation], whic
 def write_jsonl(path: Path, conversations: list[Conversation]) -> None:
     """All conversations as `{"messages": [...]}` lines, published atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for conv in conversations:
-            f.write(json.dumps({"messages": [m.to_dict() for m in conv.messages]}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, "".join(json.dumps({"messages": [m.to_dict() for m in conv.messages]}, ensure_ascii=False)
+                               + "\n" for conv in conversations).encode())
 
 
 def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: int = 1, batch_size: int = 64,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from draftflow.fsutil import write_atomic
 from draftflow.stores.base import StoreError
 
 _START_TIMEOUT_S = 30.0
@@ -277,13 +278,11 @@ def client_settings(service: MooncakeService) -> dict:
 
 
 def write_client_config(path: str | Path, service: MooncakeService) -> Path:
-    """Write `client_settings` as YAML to `path` atomically (temp file, rename)."""
+    """Write `client_settings` as YAML to `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("# Written by `draftflow store serve --backend mooncake`; pass it with --config.\n"
-                   + yaml.safe_dump(client_settings(service), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, ("# Written by `draftflow store serve --backend mooncake`; pass it with --config.\n"
+                        + yaml.safe_dump(client_settings(service), sort_keys=False)).encode())
     return path
 
 

@@ -142,10 +142,10 @@ class SharedDirStore(LocalStore):
     # ------------------------------------------------------------ consumer side
     def delete(self, ref: SampleRef) -> None:
         """Free a sample's file and count its bytes as consumed (back-pressure)."""
-        path = self.path_of(ref.sample_id)
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        if existed:
-            if self._consumed is None:
-                self._consumed = _Counter(self.progress_dir / _counter_name(self.owner))
-            self._consumed.add(ref.num_bytes)
+        try:
+            self.path_of(ref.sample_id).unlink()
+        except FileNotFoundError:
+            return  # already freed (e.g. by a consumer that took the claim over): count it once
+        if self._consumed is None:
+            self._consumed = _Counter(self.progress_dir / _counter_name(self.owner))
+        self._consumed.add(ref.num_bytes)

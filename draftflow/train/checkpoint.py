@@ -49,12 +49,17 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, meta: di
     save_file(draft_state(model), str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step}, tmp / "trainer.pt")
-    meta = {"format_version": CHECKPOINT_VERSION, "step": step, **meta}
+    return publish(tmp, final, {"format_version": CHECKPOINT_VERSION, "step": step, **meta}, keep)
+
+
+def publish(tmp: Path, final: Path, meta: dict, keep: int) -> Path:
+    """Finish a checkpoint written in `tmp`: `meta.json` last (it marks the folder
+    complete), rename it to `final`, keep only the `keep` newest checkpoints."""
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -15,8 +15,6 @@ export, and one RNG file per rank.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, list_checkpoints, read_meta, rng_state,
+from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, publish, read_meta, rng_state,
                                         set_rng_state)
 from draftflow.train.chunked_loss import chunked_ttt_loss, head_terms
 from draftflow.train.model import Eagle3Draft
@@ -137,14 +135,8 @@ def save_sharded_checkpoint(root: Path, step: int, module: DraftLoss, optimizer,
     if rank == 0:
         save_file(full, str(tmp / "model.safetensors"))
         torch.save({"scheduler": scheduler.state_dict(), "step": step}, tmp / "trainer.pt")
-        meta = {"format_version": CHECKPOINT_VERSION, "step": step, "layout": LAYOUT,
-                "world_size": dist.get_world_size(), **meta}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, {"format_version": CHECKPOINT_VERSION, "step": step, "layout": LAYOUT,
+                             "world_size": dist.get_world_size(), **meta}, keep)
     dist.barrier()
     return final
 
