@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from draftflow.train.batches import collate
-from draftflow.train.chunked_loss import chunked_targets
+from draftflow.train.chunked_loss import loss_inputs
 from draftflow.train.distributed import all_reduce_sum, init_distributed, shutdown
-from draftflow.train.loss import Teacher, step_masks
+from draftflow.train.loss import Teacher
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallelize import DraftLoss, apply_fsdp2
 from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
@@ -90,11 +90,10 @@ def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> float
 
 
 def train_step(module, draft, teacher, batch, optimizer, params, autocast: bool) -> float:
-    targets = chunked_targets(teacher, batch.last_hidden)
-    masks = step_masks(batch.loss_mask, batch.lengths, targets, TTT_STEPS)
-    counts = all_reduce_sum(torch.stack([m.sum() for m in masks]).float()).tolist()
+    inputs = loss_inputs(teacher, batch, TTT_STEPS)
+    counts = all_reduce_sum(inputs.counts()).tolist()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = module(batch, targets, masks, 0.8, counts)
+        loss, _ = module(inputs, 0.8, counts)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()

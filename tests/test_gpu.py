@@ -54,18 +54,16 @@ def rank_batch(rank: int, device: str):
 
 def train_steps(module, draft, teacher, batches, optimizer, scheduler, steps, reduce_sum) -> list[float]:
     """The trainer's step: global valid counts, backward per micro-batch, clip, AdamW."""
-    from draftflow.train.chunked_loss import chunked_targets
-    from draftflow.train.loss import step_masks
+    from draftflow.train.chunked_loss import loss_inputs
     params = [p for p in draft.parameters() if p.requires_grad]
     losses = []
     for _ in range(steps):
-        targets = [chunked_targets(teacher, b.last_hidden) for b in batches]
-        masks = [step_masks(b.loss_mask, b.lengths, tg, NUM_TTT) for b, tg in zip(batches, targets)]
-        counts = reduce_sum(torch.stack([torch.stack([m.sum() for m in ms]) for ms in masks]).sum(0).float())
+        inputs = [loss_inputs(teacher, b, NUM_TTT) for b in batches]
+        counts = reduce_sum(sum(x.counts() for x in inputs))
         total = torch.zeros((), device=counts.device)
-        for b, tg, ms in zip(batches, targets, masks):
+        for x in inputs:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=counts.is_cuda):
-                loss, _ = module(b, tg, ms, 0.8, counts.tolist())
+                loss, _ = module(x, 0.8, counts.tolist())
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from draftflow.config import load_config
 from draftflow.roles import run_colocated
 from draftflow.train.batches import SampleOrder, collate
-from draftflow.train.chunked_loss import chunked_ttt_loss
-from draftflow.train.loss import Teacher, step_masks
+from draftflow.train.chunked_loss import chunked_ttt_loss, loss_inputs
+from draftflow.train.loss import Teacher
 from draftflow.train.metrics import read_metrics
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 
@@ -44,16 +44,59 @@ def test_padding_and_prompt_only_samples_do_not_change_the_loss():
 
     def loss_and_grad(batch):
         draft.zero_grad()
-        tg = teacher(batch.last_hidden)
-        masks = step_masks(batch.loss_mask, batch.lengths, tg, 3)
-        counts = [float(m.sum()) for m in masks]
-        loss, _ = chunked_ttt_loss(draft, batch, tg, masks, 0.8, counts, chunk=8)  # two chunks
+        x = loss_inputs(teacher, batch, 3, chunk=8)  # two chunks of rows
+        loss, _ = chunked_ttt_loss(draft, x, 0.8, x.counts().tolist(), chunk=8)
         loss.backward()
         return loss.detach(), draft.fc.weight.grad.clone()
 
     l1, g1 = loss_and_grad(collate([a], ["a"]))
     l2, g2 = loss_and_grad(collate([a, b], ["a", "b"]))
     assert torch.allclose(l1, l2, atol=1e-12) and torch.allclose(g1, g2, atol=1e-12)
+
+
+def test_row_gathered_loss_equals_the_dense_masked_definition():
+    """The loss runs the teacher and the draft head only on the rows that learn; it
+    equals the definition over every position of the padded batch: step k at t learns
+    the teacher at t+1+k when token t+2+k exists, is an assistant token and the
+    teacher's argmax is in the draft vocab (here ids 0..19 of 30)."""
+    torch.manual_seed(1)
+    cfg = DraftModelConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=8, vocab_size=30, draft_vocab_size=20, target_hidden_size=16,
+                           rms_norm_eps=1e-6, max_position_embeddings=64, aux_layer_ids=(0, 1, 2))
+    draft = Eagle3Draft(cfg).double()
+    draft.t2d[:20] = True
+    teacher = Teacher(torch.randn(30, 16, dtype=torch.float64) * 3, torch.arange(20))
+
+    def sample(t, prompt):
+        mask = torch.ones(t, dtype=torch.uint8)
+        mask[:prompt] = 0
+        return {"input_ids": torch.randint(0, 30, (t,)), "loss_mask": mask,
+                "aux_hidden": torch.randn(t, 48, dtype=torch.float64), "last_hidden": torch.randn(t, 16, dtype=torch.float64)}
+
+    batch = collate([sample(13, 4), sample(9, 6), sample(3, 0)], ["a", "b", "c"])
+    steps, decay = 4, 0.8
+    draft.zero_grad()
+    x = loss_inputs(teacher, batch, steps, chunk=5)
+    loss, sums = chunked_ttt_loss(draft, x, decay, x.counts().tolist(), chunk=5)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+    draft.zero_grad()
+    dense = teacher(batch.last_hidden)  # [B, T, ...] at every position
+    ids_next = torch.nn.functional.pad(batch.input_ids[:, 1:], (0, 1))
+    ref, counts = torch.zeros(()), []
+    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, steps):
+        log_q = torch.log_softmax(draft.logits(hidden).float(), -1)  # as the head: float32 log-probs
+        terms = [-(dense.log_probs[b, t + 1 + k].exp() * log_q[b, t]).sum()
+                 for b in range(3) for t in range(int(batch.lengths[b]))
+                 if t + 2 + k < batch.lengths[b] and batch.loss_mask[b, t + 2 + k] and dense.valid[b, t + 1 + k]]
+        counts.append(len(terms))
+        ref = ref + decay ** k * torch.stack(terms).sum() / len(terms)
+    ref.backward()
+    assert counts == x.counts().tolist() and 0 < counts[-1] < counts[0]
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(g, draft.get_parameter(name).grad, rtol=1e-5, atol=1e-8), name
 
 
 def test_sample_order_covers_each_epoch_once_across_ranks_without_tail_drop():
@@ -124,9 +167,8 @@ def test_torchrun_two_processes_shard_data_and_agree(tmp_path):
 
 def _loss_module_grads(loss_module, draft, batch, teacher):
     draft.zero_grad()
-    tg = teacher(batch.last_hidden)
-    masks = step_masks(batch.loss_mask, batch.lengths, tg, 4)
-    loss, _ = loss_module(batch, tg, masks, 0.8, [float(m.sum()) for m in masks])
+    x = loss_inputs(teacher, batch, 4)
+    loss, _ = loss_module(x, 0.8, x.counts().tolist())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
 

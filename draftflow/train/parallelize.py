@@ -37,10 +37,10 @@ LAYOUT = "dcp"
 
 
 RECOMPUTE_MODES = ("auto", "always", "never")
-# Micro-batch tokens from which `auto` recomputes on CUDA: the draft head's [T, Vd]
-# float32 log-probs (about 1 GiB per 2048 positions and unroll step for a 32k draft
-# vocab), then the decoder layer's activations (about 2 GiB per 2048 positions over
-# 7 steps for an 8B-shaped draft).
+# From how many rows `auto` recomputes on CUDA: the draft head's [N, Vd] float32
+# log-probs (about 1 GiB per 2048 rows and unroll step for a 32k draft vocab), counted
+# over the rows the head runs on; then the decoder layer's activations (about 2 GiB per
+# 2048 positions over 7 steps for an 8B-shaped draft), counted over all B x T positions.
 RECOMPUTE_HEAD_TOKENS = 4097
 RECOMPUTE_LAYER_TOKENS = 16384
 
@@ -69,17 +69,20 @@ class DraftLoss(nn.Module):
             draft.midlayer.finish = torch.compile(draft.midlayer.finish)
             self.head = torch.compile(head_terms)
 
-    def recomputes(self, batch) -> tuple[bool, bool]:
-        """(head, layer): what backward recomputes for this micro-batch."""
+    def recomputes(self, inputs) -> tuple[bool, bool]:
+        """(head, layer): what backward recomputes for this micro-batch (auto: by the
+        rows the head runs on, and by all the positions the layer runs on)."""
         if self.recompute == "auto":
-            tokens = batch.input_ids.numel() if batch.input_ids.is_cuda else 0
-            return tokens >= RECOMPUTE_HEAD_TOKENS, tokens >= RECOMPUTE_LAYER_TOKENS
+            if not inputs.batch.input_ids.is_cuda:
+                return False, False
+            return (inputs.rows.draft[0].numel() >= RECOMPUTE_HEAD_TOKENS,
+                    inputs.batch.input_ids.numel() >= RECOMPUTE_LAYER_TOKENS)
         return (self.recompute == "always",) * 2
 
-    def forward(self, batch, targets, masks, decay: float, denominators: list[float]):
-        head, layer = self.recomputes(batch)
-        return chunked_ttt_loss(self.draft, batch, targets, masks, decay, denominators, recompute=head,
-                                recompute_layer=layer, head=self.head)
+    def forward(self, inputs, decay: float, denominators: list[float]):
+        head, layer = self.recomputes(inputs)
+        return chunked_ttt_loss(self.draft, inputs, decay, denominators, recompute=head, recompute_layer=layer,
+                                head=self.head)
 
 
 def apply_fsdp2(draft: Eagle3Draft, mesh: DeviceMesh | None = None,

@@ -19,8 +19,8 @@ from draftflow.config import Config
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder, TrainBatch
 from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier
-from draftflow.train.chunked_loss import chunked_targets
-from draftflow.train.loss import Teacher, step_masks
+from draftflow.train.chunked_loss import loss_inputs
+from draftflow.train.loss import Teacher
 from draftflow.train.metrics import MetricsLogger, truncate_after
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallelize import DraftLoss, apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
@@ -120,20 +120,15 @@ class Trainer:
             # This rank's stream has ended but another's has not: a batch with nothing to
             # learn (all masks false) keeps it in step with every collective (FSDP's too).
             batches = [self._empty_batch()]
-        batches = [b.to(self.dist.device) for b in batches]
-        targets = [chunked_targets(self.teacher, b.last_hidden) for b in batches]
-        masks = [step_masks(b.loss_mask, b.lengths, t, k_steps) for b, t in zip(batches, targets)]
-        counts = torch.zeros(k_steps, device=self.dist.device)
-        for ms in masks:
-            counts += torch.stack([m.sum() for m in ms]).float()
-        counts = all_reduce_sum(counts).tolist()
+        inputs = [loss_inputs(self.teacher, b, k_steps, self.dist.device) for b in batches]
+        counts = all_reduce_sum(sum(x.counts() for x in inputs)).tolist()
         # Fixed metric names, so ranks with no data this step (the end of a consume-once
         # stream) still join every collective with zeros.
         sums = {f"{name}_{k}": torch.zeros((), device=self.dist.device)
                 for name in ("ploss", "acc", "accept") for k in range(k_steps)}
-        for batch, tgt, ms in zip(batches, targets, masks):
+        for x in inputs:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, part = self.loss_fn(batch, tgt, ms, decay, counts)
+                loss, part = self.loss_fn(x, decay, counts)
             loss.backward()
             for name, v in part.items():
                 sums[name] = sums[name] + v
@@ -219,7 +214,8 @@ class Trainer:
         truncate_after(self._samples_log(), start)  # steps after the checkpoint are redone
         end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)
         logger = MetricsLogger(self.output_dir, start, self.tc.tensorboard, self.dist.is_main)
-        loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=self.check_ref)
+        loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=self.check_ref,
+                               pin_memory=self.dist.device.type == "cuda")
         bar = tqdm(total=self.tc.max_steps, initial=start, desc="train", unit="step",
                    disable=not (self.tc.progress and self.dist.is_main))
         last = None
