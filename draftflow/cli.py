@@ -58,7 +58,8 @@ def cmd_regenerate(args) -> int:
 
     cfg = _config(args)
     stats = regenerate(cfg, args.out, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
-                       batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
+                       batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens, workers=args.workers,
+                       **({} if args.batch_tokens is None else {"batch_tokens": args.batch_tokens}))
     print(f"regenerated {stats.replies} replies ({stats.new_tokens} tokens) in {stats.regenerated} of "
           f"{stats.conversations} conversations in {stats.seconds:.0f} s -> {args.out}; train on it with "
           f"data.sources=[{args.out}]")
@@ -235,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--max-turns", type=int, default=1, help="user turns answered per conversation")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    p.add_argument("--batch-tokens", type=int, help="padded prompt tokens per generate call (long prompts "
+                   "make smaller batches; default 65536)")
     p.add_argument("--max-prompt-tokens", type=int, help="leave longer prompts' replies as they are "
                    "(default data.max_length)")
+    p.add_argument("--workers", type=int, help="processes, each with its own target (default: one per "
+                   "visible GPU on CUDA, one on CPU)")
     p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("capture", help="run the target and write features to the store")

@@ -70,3 +70,16 @@ def test_regenerate_rejects_bad_arguments(tmp_path, capsys):
     assert main(["regenerate", "-c", str(TINY), "--out", str(tmp_path / "x.jsonl"), "--max-prompt-tokens", "0"]) == 2
     assert "max_prompt_tokens=0, expected at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_two_worker_processes_write_the_same_file_as_one(tmp_path):
+    """--workers 2: a second process with its own target answers half of each turn's
+    prompts; the file is byte-identical to a one-process run."""
+    args = ["-c", str(TINY), "--max-new-tokens", "12", "--max-turns", "2", "capture.device=cpu",
+            "data.max_samples=8"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["regenerate", *args, "--out", str(one)]) == 0
+    assert main(["regenerate", *args, "--out", str(two), "--workers", "2"]) == 0
+    assert one.read_bytes() == two.read_bytes()
+    assert main(["regenerate", *args, "--out", str(tmp_path / "x.jsonl"), "--workers", "0"]) == 2
+    assert not (tmp_path / "x.jsonl").exists()

@@ -18,15 +18,23 @@ replies end the conversation there. The file is written atomically.
 Precision: the target runs on capture.device, in float32 unless capture.dtype names
 another dtype (as in evaluate: these replies are then the very greedy decode that
 evaluation compares against).
+
+Workers: on CUDA (capture.device `cuda`), one process per visible GPU by default, each
+with its own copy of the target; every turn's prompts are dealt out longest first, so
+the workers get similar shares. A reply does not depend on which worker or batch
+produced it up to floating-point batch effects (exact on CPU, where `workers` > 1 runs
+several processes too).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,8 +43,8 @@ from draftflow.data.prepare import prompt_ids, split_indices
 from draftflow.fsutil import write_atomic
 
 _LOG = logging.getLogger("draftflow.data")
-# Padded prompt tokens per generate call: the prefill of long prompts is what costs
-# (an attention mask over left padding rules out the fused kernels).
+# Padded prompt tokens per generate call by default: the prefill of long prompts is what
+# costs memory (an attention mask over left padding rules out the fused kernels).
 PREFILL_TOKENS = 65536
 
 
@@ -80,17 +88,18 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.no_grad()
 def greedy_replies(model, prompts: list[list[int]], budgets: list[int], eos_ids: set[int], pad_id: int,
-                   batch_size: int) -> list[list[int]]:
+                   batch_size: int, batch_tokens: int = PREFILL_TOKENS) -> list[list[int]]:
     """The target's greedy continuation of each prompt, at most `budgets[i]` tokens,
-    cut before the first end-of-turn id. Prompts are batched by length, left-padded."""
+    cut before the first end-of-turn id. Prompts are batched by length, left-padded,
+    at most batch_size rows and batch_tokens padded prompt tokens a batch."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches, begin = [], 0
-    while begin < len(order):  # longest first; at most batch_size rows and PREFILL_TOKENS padded tokens
-        rows = max(1, min(batch_size, PREFILL_TOKENS // len(prompts[order[begin]])))
+    while begin < len(order):  # longest first
+        rows = max(1, min(batch_size, batch_tokens // len(prompts[order[begin]])))
         batches.append(order[begin:begin + rows])
         begin += rows
     begin = 0
@@ -110,13 +119,15 @@ def greedy_replies(model, prompts: list[list[int]], budgets: list[int], eos_ids:
     return out
 
 
-def regenerate_conversations(model, tok, conversations: list[Conversation], which: list[int], *,
-                             max_length: int, max_new_tokens: int, max_turns: int, batch_size: int,
-                             max_prompt_tokens: int, eos_ids: set[int], log: logging.Logger = _LOG
-                             ) -> tuple[list[Conversation], int, int]:
-    """Replace the assistant turns of `conversations[i]` for i in `which`; returns the
-    new list (same length and order), the number of replies and of generated tokens."""
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
+Generate = Callable[[list[list[int]], list[int]], list[list[int]]]  # (prompts, budgets) -> replies
+
+
+def regenerate_conversations(generate: Generate, tok, conversations: list[Conversation], which: list[int], *,
+                             max_length: int, max_new_tokens: int, max_turns: int, max_prompt_tokens: int,
+                             log: logging.Logger = _LOG) -> tuple[list[Conversation], int, int]:
+    """Replace the assistant turns of `conversations[i]` for i in `which`, with replies
+    from `generate`; returns the new list (same length and order), the number of
+    replies and of generated tokens."""
     chats = {i: _start(conversations[i], max_turns) for i in which}
     replies = tokens = 0
     for turn in range(max_turns):
@@ -132,7 +143,7 @@ def regenerate_conversations(model, tok, conversations: list[Conversation], whic
         if not asked:
             break
         start = time.perf_counter()
-        for i, reply in zip(asked, greedy_replies(model, prompts, budgets, eos_ids, pad_id, batch_size)):
+        for i, reply in zip(asked, generate(prompts, budgets)):
             text = tok.decode(reply, skip_special_tokens=True)
             if not text.strip():
                 continue  # nothing to train on: the conversation ends before this turn
@@ -156,37 +167,137 @@ def write_jsonl(path: Path, conversations: list[Conversation]) -> None:
                                + "\n" for conv in conversations).encode())
 
 
+def _worker_main(device: str, target_cfg, dtype: torch.dtype, eos_ids: set[int], pad_id: int, batching: tuple,
+                 tasks, results) -> None:
+    """A worker process: its own target on `device`, answering (prompts, budgets) tasks
+    until it gets None."""
+    from draftflow.capture.target import load_target
+
+    try:
+        model = load_target(target_cfg, torch.device(device), dtype).model
+        results.put(("ready", None))
+        while (task := tasks.get()) is not None:
+            results.put(("ok", greedy_replies(model, *task, eos_ids, pad_id, *batching)))
+    except BaseException as e:  # reported to the parent, which names the device
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+class _Workers:
+    """`generate` spread over the parent (the first device) and one process per other
+    device; a failed or vanished worker raises instead of hanging."""
+
+    def __init__(self, local: Generate, devices: list[str], target_cfg, dtype, eos_ids, pad_id, batching):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.local, self.devices, self.workers = local, devices, []
+        for device in devices[1:]:
+            tasks, results = ctx.Queue(), ctx.Queue()
+            proc = ctx.Process(target=_worker_main, daemon=True, name=f"regenerate-{device}",
+                               args=(device, target_cfg, dtype, eos_ids, pad_id, batching, tasks, results))
+            proc.start()
+            self.workers.append((device, proc, tasks, results))
+        for worker in self.workers:
+            self._result(worker)  # each has loaded its target
+
+    def _result(self, worker):
+        device, proc, _, results = worker
+        while True:
+            try:
+                kind, value = results.get(timeout=5)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"regenerate: the worker on {device} exited (code {proc.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"regenerate: the worker on {device} failed: {value}")
+        return value
+
+    def __call__(self, prompts: list[list[int]], budgets: list[int]) -> list[list[int]]:
+        n = len(self.devices)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        shares = [order[w::n] for w in range(n)]  # dealt out longest first: similar work each
+        for (_, _, tasks, _), share in zip(self.workers, shares[1:]):
+            tasks.put(([prompts[i] for i in share], [budgets[i] for i in share]))
+        out: list[list[int]] = [[] for _ in prompts]
+        parts = [self.local([prompts[i] for i in shares[0]], [budgets[i] for i in shares[0]])]
+        parts += [self._result(worker) for worker in self.workers]
+        for share, replies in zip(shares, parts):
+            for i, reply in zip(share, replies):
+                out[i] = reply
+        return out
+
+    def close(self) -> None:
+        for _, proc, tasks, _ in self.workers:
+            if proc.is_alive():
+                tasks.put(None)
+        for _, proc, _, _ in self.workers:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def worker_devices(device: torch.device, workers: int | None) -> list[str]:
+    """The device of each worker: the visible GPUs from `device` on (one each by
+    default), or `workers` processes on the CPU."""
+    if device.type == "cuda":
+        first = device.index or 0
+        visible = torch.cuda.device_count() - first
+        n = visible if workers is None else workers
+        if not 1 <= n <= visible:
+            raise ValueError(f"regenerate: workers={n}, expected 1 to {visible} (the GPUs visible from {device})")
+        return [f"cuda:{first + w}" for w in range(n)]
+    n = 1 if workers is None else workers
+    if n < 1:
+        raise ValueError(f"regenerate: workers={n}, expected at least 1")
+    return [str(device)] * n
+
+
 def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: int = 1, batch_size: int = 64,
-               max_prompt_tokens: int | None = None, log: logging.Logger = _LOG) -> RegenerateStats:
+               max_prompt_tokens: int | None = None, workers: int | None = None,
+               batch_tokens: int = PREFILL_TOKENS, log: logging.Logger = _LOG) -> RegenerateStats:
     """Write `cfg.data`'s conversations to `out` with the training ones' replies
-    regenerated by `cfg.target` (see the module doc)."""
+    regenerated by `cfg.target` (see the module doc); `workers` processes (default:
+    one per visible GPU on CUDA, one on CPU)."""
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, target_eos_ids
     from draftflow.data.tokenizer import load_tokenizer
     from draftflow.roles import tokenizer_spec
 
     for name, value in (("max_new_tokens", max_new_tokens), ("max_turns", max_turns), ("batch_size", batch_size),
-                        ("max_prompt_tokens", 1 if max_prompt_tokens is None else max_prompt_tokens)):
+                        ("max_prompt_tokens", 1 if max_prompt_tokens is None else max_prompt_tokens),
+                        ("batch_tokens", batch_tokens)):
         if value < 1:
             raise ValueError(f"regenerate: {name}={value}, expected at least 1")
     out = Path(out)
     start = time.perf_counter()
+    device, dtype = resolve_device_dtype(cfg.capture)
+    devices = worker_devices(device, workers)
     conversations = load_conversations(cfg.data.sources, cfg.data.strict, log)
     which = sorted(split_indices(len(conversations), cfg.data)[1])
     tok = load_tokenizer(tokenizer_spec(cfg))
-    device, dtype = resolve_device_dtype(cfg.capture)
     if cfg.capture.dtype == "auto":
         dtype = torch.float32  # the greedy decode evaluate compares against
-    target = load_target(cfg.target, device, dtype)
+    target = load_target(cfg.target, torch.device(devices[0]), dtype)  # (converts a GGUF once, for all)
     eos = ({tok.eos_token_id} if tok.eos_token_id is not None else set()) | target_eos_ids(target.config)
     if not eos:
         raise ValueError("regenerate: neither the tokenizer nor the target config names an eos token")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
     log.info("regenerate: %d of %d conversations, up to %d turn(s) of %d tokens, on %s (%s)", len(which),
-             len(conversations), max_turns, max_new_tokens, device, str(dtype).removeprefix("torch."))
-    new, replies, tokens = regenerate_conversations(
-        target.model, tok, conversations, which, max_length=cfg.data.max_length, max_new_tokens=max_new_tokens,
-        max_turns=max_turns, batch_size=batch_size, eos_ids=eos, log=log,
-        max_prompt_tokens=cfg.data.max_length if max_prompt_tokens is None else max_prompt_tokens)
+             len(conversations), max_turns, max_new_tokens, ", ".join(devices), str(dtype).removeprefix("torch."))
+
+    batching = (batch_size, batch_tokens)
+
+    def local(prompts, budgets):
+        return greedy_replies(target.model, prompts, budgets, eos, pad_id, *batching)
+
+    generate = _Workers(local, devices, cfg.target, dtype, eos, pad_id, batching) if len(devices) > 1 else None
+    try:
+        new, replies, tokens = regenerate_conversations(
+            generate or local, tok, conversations, which, max_length=cfg.data.max_length,
+            max_new_tokens=max_new_tokens, max_turns=max_turns, log=log,
+            max_prompt_tokens=cfg.data.max_length if max_prompt_tokens is None else max_prompt_tokens)
+    finally:
+        if generate is not None:
+            generate.close()
     write_jsonl(out, new)
     changed = sum(a is not b for a, b in zip(conversations, new))
     return RegenerateStats(conversations=len(new), regenerated=changed, replies=replies, new_tokens=tokens,
