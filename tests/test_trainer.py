@@ -202,3 +202,31 @@ def test_unknown_recompute_mode_names_the_key():
 
     with pytest.raises(ValueError, match=r"train.recompute: 'sometimes', expected one of auto, always, never"):
         DraftLoss(torch.nn.Linear(1, 1), recompute="sometimes")
+
+
+def test_in_order_runs_calls_in_order_and_raises_their_errors():
+    """The consume-once bookkeeping thread: calls run one by one in order; a failure is
+    raised by the next submit or by close, never dropped."""
+    import time
+
+    from draftflow.train.trainer import InOrder
+
+    seen = []
+    book = InOrder("test")
+    for i in range(20):
+        book.submit(seen.append, i)
+    book.close()
+    assert seen == list(range(20))
+
+    def fail(i):
+        raise OSError(f"cannot unlink {i}")
+
+    book = InOrder("test")
+    book.submit(fail, 1)
+    time.sleep(0.2)
+    with pytest.raises(OSError, match="cannot unlink 1"):
+        book.submit(seen.append, 99)
+    book = InOrder("test")
+    book.submit(fail, 2)
+    with pytest.raises(OSError, match="cannot unlink 2"):
+        book.close()
