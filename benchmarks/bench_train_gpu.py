@@ -101,7 +101,27 @@ def train_step(module, draft, teacher, batch, optimizer, params, autocast: bool)
     return float(loss.detach())
 
 
-def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps) -> dict:
+def profile_steps(step, steps: int, top: int = 30) -> list[dict]:
+    """Device time per kernel/op name over `steps` more steps (torch.profiler): where a
+    step's time goes, largest first, with its share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # on CUDA only the kernels (an aten op's row repeats its kernels' time)
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0 and (not cuda or e.device_type.name == "CUDA")]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: -getattr(e, attr))[:top]
+    return [{"name": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / steps, "share": getattr(e, attr) / total,
+             "calls_per_step": e.count / steps} for e in rows]
+
+
+def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps, profile: bool = False) -> dict:
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")  # as the trainer
     batch = random_batch(cfg, t, device, seed=rank)
@@ -119,13 +139,18 @@ def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps) -> di
         if cuda:
             torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / steps
+        kernels = profile_steps(lambda: train_step(module, draft, teacher, batch, optimizer, params, cuda),
+                                2) if profile else None
     except torch.cuda.OutOfMemoryError as e:
         return {"seq": t, "error": f"out of memory: {str(e).splitlines()[0]}"}
     finally:
         del optimizer
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
-    return {"seq": t, "step_s": step_s, "tokens_per_s_per_gpu": t / step_s, "peak_gib": peak,
-            "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses))}
+    out = {"seq": t, "step_s": step_s, "tokens_per_s_per_gpu": t / step_s, "peak_gib": peak,
+           "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses))}
+    if kernels is not None:
+        out["profile"] = kernels
+    return out
 
 
 def check_attention(device: torch.device) -> dict:
@@ -156,22 +181,30 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
     ap.add_argument("--recompute", default="auto", help="train.recompute: auto | always | never")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile layer and head")
+    ap.add_argument("--profile", action="store_true", help="also profile 2 steps per seq: device time by kernel")
+    ap.add_argument("--fsdp", action="store_true", help="one process through FSDP2 too (a 1-rank group): "
+                    "bf16 parameters cast once per step instead of autocast over float32 weights")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     info = init_distributed("cpu" if args.small else "auto")
     device = info.device
+    if args.fsdp and info.world_size == 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device)
     options = {"recompute": args.recompute, "compile": args.compile}
-    module = apply_fsdp2(draft, **options) if info.world_size > 1 else DraftLoss(draft, **options)
+    fsdp = info.world_size > 1 or args.fsdp
+    module = apply_fsdp2(draft, **options) if fsdp else DraftLoss(draft, **options)
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "world_size": info.world_size,
               **options,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "attention": attention_from, "fsdp2": info.world_size > 1, "ttt_steps": TTT_STEPS, "runs": []}
+              "attention": attention_from, "fsdp2": fsdp, "ttt_steps": TTT_STEPS, "runs": []}
     if device.type == "cuda":
         result["matmul_tflops"] = matmul_tflops(device)
     result["attention_check"] = check_attention(device)
     for t in [int(s) for s in args.seqs.split(",")]:
-        run = bench_seq(module, draft, teacher, cfg, t, device, info.rank, args.warmup, args.steps)
+        run = bench_seq(module, draft, teacher, cfg, t, device, info.rank, args.warmup, args.steps, args.profile)
         if "step_s" in run:
             run["flops_per_token"] = flops_per_token(cfg, t)
             run["tokens_per_s"] = run["tokens_per_s_per_gpu"] * info.world_size
@@ -179,7 +212,9 @@ def main() -> None:
                 run["mfu"] = run["flops_per_token"] * run["tokens_per_s_per_gpu"] / (result["matmul_tflops"] * 1e12)
         result["runs"].append(run)
         if info.is_main:
-            print(json.dumps(run), flush=True)
+            print(json.dumps({k: v for k, v in run.items() if k != "profile"}), flush=True)
+            for row in run.get("profile", []):
+                print(f"  {row['ms_per_step']:8.2f} ms {row['share']:6.1%} x{row['calls_per_step']:<6g} {row['name']}")
     if info.is_main:
         print_table(result)
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -189,7 +224,7 @@ def main() -> None:
 def print_table(result: dict) -> None:
     print(f"\n{result['device']} x{result['world_size']}, torch {result['torch']}, {result['date']}, "
           f"bf16 matmul {result.get('matmul_tflops', float('nan')):.0f} TFLOP/s, attention: {result['attention']}, "
-          f"recompute {result['recompute']}, compile {result['compile']}")
+          f"recompute {result['recompute']}, compile {result['compile']}, fsdp2 {result['fsdp2']}")
     print(f"{'seq':>7} {'tok/s':>9} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7}")
     for r in result["runs"]:
         if "error" in r:
