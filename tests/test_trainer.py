@@ -230,3 +230,24 @@ def test_in_order_runs_calls_in_order_and_raises_their_errors():
     book.submit(fail, 2)
     with pytest.raises(OSError, match="cannot unlink 2"):
         book.close()
+
+
+def test_a_batch_shorter_than_the_unroll_trains_nothing_but_reaches_every_parameter():
+    """The empty batch a rank trains when its consume-once stream ended before the
+    others' (T=2, default ttt_length 7) and any micro-batch with T < ttt_length: zero
+    loss, and backward still reaches every trainable parameter (FSDP's hooks need it)."""
+    cfg = DraftModelConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=8, vocab_size=30, draft_vocab_size=30, target_hidden_size=16,
+                           rms_norm_eps=1e-6, max_position_embeddings=64, aux_layer_ids=(0, 1, 2))
+    draft = Eagle3Draft(cfg)
+    teacher = Teacher(torch.randn(30, 16), torch.arange(30))
+    for t, mask in ((2, 0), (3, 1)):
+        batch = collate([{"input_ids": torch.randint(0, 30, (t,)), "loss_mask": torch.full((t,), mask, dtype=torch.uint8),
+                          "aux_hidden": torch.randn(t, 48), "last_hidden": torch.randn(t, 16)}], ["e"])
+        draft.zero_grad()
+        x = loss_inputs(teacher, batch, 7)
+        loss, _ = chunked_ttt_loss(draft, x, 0.8, x.counts().tolist())
+        loss.backward()
+        assert x.counts().tolist() == [float(mask)] + [0.0] * 6  # T=3: step 0 at t=0 predicts token 2
+        assert (float(loss) == 0.0) == (mask == 0) and torch.isfinite(loss)
+        assert all(p.grad is not None for p in draft.parameters() if p.requires_grad)

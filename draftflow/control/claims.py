@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -55,6 +56,8 @@ class ClaimBook:
         self.owner = owner
         self.claim_timeout_s = claim_timeout_s
         self._held: dict[str, int] = {}  # sample id -> generation we own
+        # The loader thread claims and renews while the bookkeeping thread marks done.
+        self._lock = threading.RLock()
 
     def _path(self, sample_id: str, gen: int) -> Path:
         return self.claims_dir / f"{sample_id}@{gen}"
@@ -68,6 +71,10 @@ class ClaimBook:
     def try_claim(self, sample_id: str) -> bool:
         """Claim `sample_id` for this owner; False if done or held by a live consumer."""
         validate_sample_id(sample_id)
+        with self._lock:
+            return self._try_claim(sample_id)
+
+    def _try_claim(self, sample_id: str) -> bool:
         if sample_id in self._held:
             return True
         if self.is_done(sample_id):
@@ -114,16 +121,21 @@ class ClaimBook:
     def renew_all(self) -> list[str]:
         """Heartbeat every held claim; return (and forget) the ids lost to a stealer."""
         lost = []
-        for sample_id, gen in list(self._held.items()):
-            if self._still_ours(sample_id, gen):
-                os.utime(self._path(sample_id, gen))
-            else:
-                del self._held[sample_id]
-                lost.append(sample_id)
+        with self._lock:
+            for sample_id, gen in list(self._held.items()):
+                if self._still_ours(sample_id, gen):
+                    os.utime(self._path(sample_id, gen))
+                else:
+                    del self._held[sample_id]
+                    lost.append(sample_id)
         return lost
 
     def done(self, sample_id: str) -> None:
         """Mark a held sample trained: link its claim to `done/`, then drop the claim files."""
+        with self._lock:
+            self._done(sample_id)
+
+    def _done(self, sample_id: str) -> None:
         gen = self._held.pop(sample_id, None)
         if gen is None:
             raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")

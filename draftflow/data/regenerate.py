@@ -189,14 +189,18 @@ class _Workers:
     def __init__(self, local: Generate, devices: list[str], target_cfg, dtype, eos_ids, pad_id, batching):
         ctx = torch.multiprocessing.get_context("spawn")
         self.local, self.devices, self.workers = local, devices, []
-        for device in devices[1:]:
-            tasks, results = ctx.Queue(), ctx.Queue()
-            proc = ctx.Process(target=_worker_main, daemon=True, name=f"regenerate-{device}",
-                               args=(device, target_cfg, dtype, eos_ids, pad_id, batching, tasks, results))
-            proc.start()
-            self.workers.append((device, proc, tasks, results))
-        for worker in self.workers:
-            self._result(worker)  # each has loaded its target
+        try:
+            for device in devices[1:]:
+                tasks, results = ctx.Queue(), ctx.Queue()
+                proc = ctx.Process(target=_worker_main, daemon=True, name=f"regenerate-{device}",
+                                   args=(device, target_cfg, dtype, eos_ids, pad_id, batching, tasks, results))
+                proc.start()
+                self.workers.append((device, proc, tasks, results))
+            for worker in self.workers:
+                self._result(worker)  # each has loaded its target
+        except BaseException:
+            self.close()  # no worker outlives a failed start
+            raise
 
     def _result(self, worker):
         device, proc, _, results = worker
@@ -226,13 +230,16 @@ class _Workers:
         return out
 
     def close(self) -> None:
+        """Stop every worker: idle ones end on None; busy ones (after an error
+        elsewhere) are killed rather than waited for."""
         for _, proc, tasks, _ in self.workers:
             if proc.is_alive():
                 tasks.put(None)
         for _, proc, _, _ in self.workers:
-            proc.join(timeout=30)
+            proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
 
 
 def worker_devices(device: torch.device, workers: int | None) -> list[str]:

@@ -58,6 +58,7 @@ _ALIGN = 64  # every feature starts 64-byte aligned in the buffer, so any dtype 
 _MAX_REF_BYTES = 64 << 10  # a ref is ~1 KiB of JSON
 
 OBJECT_NOT_FOUND = -704
+REPLICA_IS_NOT_READY = -703
 NO_AVAILABLE_HANDLE = -200
 _CODES = {  # mooncake-store/include/types.h, ErrorCode
     -1: ("INTERNAL_ERROR", ""),
@@ -65,6 +66,7 @@ _CODES = {  # mooncake-store/include/types.h, ErrorCode
     -200: ("NO_AVAILABLE_HANDLE", ": no room left in the store's segments"),
     -400: ("INVALID_KEY", ""),
     -600: ("INVALID_PARAMS", ": a size or buffer does not match the stored object"),
+    -703: ("REPLICA_IS_NOT_READY", ": its put has not completed (or its writer died during it)"),
     -704: ("OBJECT_NOT_FOUND", ": consumed or deleted already, never put, or its segment holder restarted"),
     -705: ("OBJECT_ALREADY_EXISTS", ""),
     -706: ("OBJECT_HAS_LEASE", ": a recent read holds a lease (about 10 s); remove it with force"),
@@ -339,6 +341,12 @@ class MooncakeStore:
         try:
             n = self._client.get_into(self._ref_key(sample_id), self._pool.ptr + base, _MAX_REF_BYTES)
             if n == OBJECT_NOT_FOUND:
+                return None
+            if n == REPLICA_IS_NOT_READY:
+                # The ref is written last, so this is a writer (a killed producer) that died
+                # while publishing it: not published. Drop what can be dropped; the caller
+                # captures the sample again and the ref is upserted over any remnant.
+                self._client.batch_remove([self._ref_key(sample_id)], True)
                 return None
             if n < 0:
                 raise error_for(n, f"sample {sample_id!r}: reading its ref")

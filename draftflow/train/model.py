@@ -194,7 +194,8 @@ class Eagle3Draft(nn.Module):
         keys, values = [], []
         for k in range(num_steps):
             # Tokens beyond the sequence end are padded with id 0; callers mask them.
-            ids_k = F.pad(input_ids_bt[:, k:], (0, k), value=0)
+            shift = min(k, t)  # more steps than tokens: all padding
+            ids_k = F.pad(input_ids_bt[:, shift:], (0, shift), value=0)
             embed = self.embed_tokens(ids_k).to(hidden.dtype)
             cos, sin = self.rope(positions + k, hidden.dtype)
             q, key, value = qkv(embed, hidden, cos, sin)

@@ -49,10 +49,11 @@ class DraftLoss(nn.Module):
     """The draft's TTT loss as a module forward (see module docstring).
 
     recompute (`train.recompute`): whether backward recomputes the draft head (per
-    chunk of positions) and the decoder layer instead of keeping their activations:
-    always, never, or auto (on CUDA, the head from RECOMPUTE_HEAD_TOKENS and the
-    layer from RECOMPUTE_LAYER_TOKENS tokens per micro-batch on, where activations
-    rather than weights fill the card; each costs compute). compile (`train.compile`):
+    chunk of rows) and the decoder layer instead of keeping their activations:
+    always, never, or auto (on CUDA, the head from RECOMPUTE_HEAD_TOKENS rows of
+    unroll step 0 and the layer from RECOMPUTE_LAYER_TOKENS positions of the
+    micro-batch on, where activations rather than weights fill the card; each costs
+    compute). compile (`train.compile`):
     torch.compile the layer's two halves and the draft head, fusing the norms, RoPE,
     SiLU and the soft cross-entropy's elementwise work.
     """
@@ -96,7 +97,10 @@ def apply_fsdp2(draft: Eagle3Draft, mesh: DeviceMesh | None = None,
         device = next(draft.parameters()).device
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     module = DraftLoss(draft, recompute, compile)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Inputs keep their dtypes: the teacher's float32 log-probs are soft targets (the
+    # default would cast every floating input to param_dtype); the draft casts its
+    # features itself.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # One unit, kept gathered from forward to backward: the draft is one layer, and the
     # TTT unroll calls it num_steps times per forward.
     fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -7,8 +7,8 @@ know which role or backend produced the features.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ from draftflow.train.metrics import MetricsLogger, truncate_after
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallelize import DraftLoss, apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
 from draftflow.train.vocab import vocab_maps
+
+log = logging.getLogger("draftflow.train")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +105,20 @@ class InOrder:
         self._raise_failed(wait=False)
         self._pending.append(self._pool.submit(fn, *args))
 
-    def close(self) -> None:
-        """Wait for every call; raise the first error unless one is already propagating."""
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every call; raise the first error (log the others), or only log
+        them (raise_errors=False: the caller is already failing)."""
         self._pool.shutdown(wait=True)
-        if sys.exc_info()[0] is None:
-            self._raise_failed(wait=True)
+        self._raise_failed(wait=True, raise_errors=raise_errors)
 
-    def _raise_failed(self, wait: bool) -> None:
+    def _raise_failed(self, wait: bool, raise_errors: bool = True) -> None:
         done = [f for f in self._pending if wait or f.done()]
         self._pending = [f for f in self._pending if f not in done]
-        for f in done:
-            f.result()  # re-raises the call's exception here
+        errors = [f.exception() for f in done if f.exception() is not None]
+        for e in errors[1 if raise_errors else 0:]:
+            log.error("%s failed: %s", self.what, e, exc_info=e)
+        if errors and raise_errors:
+            raise errors[0]
 
 
 class Trainer:
@@ -251,6 +256,7 @@ class Trainer:
         # unlink of a 64 MiB cached file takes 15-20 ms) would leave the GPU idle
         # between steps; one thread does it in order instead.
         bookkeeping = InOrder("consume-once bookkeeping")
+        finished = False
         try:
             t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
             record, done = None, start
@@ -287,9 +293,12 @@ class Trainer:
                 last = self.save(end)
             else:
                 last = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
+            finished = True
         finally:
             loader.close()
             bar.close()
-            logger.close()
-            bookkeeping.close()
+            try:
+                bookkeeping.close(raise_errors=finished)
+            finally:
+                logger.close()
         return last
