@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
 
 from draftflow.cli import main

@@ -22,8 +22,6 @@ REF_KEY = "draftflow.ref"
 
 
 class LocalStore:
-    scheme = "file"
-
     # Read buffers kept for reuse: enough for the loader's prefetch depth.
     max_pooled_buffers = 4
 

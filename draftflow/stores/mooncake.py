@@ -216,8 +216,6 @@ def _connect(mc):
 class MooncakeStore:
     """FeatureStore on a Mooncake cluster (see the module docstring for the data path)."""
 
-    scheme = "mooncake"
-
     def __init__(self, features_cfg, *, run_id: str | None = None, service: MooncakeService | None = None):
         """Connect to `features.mooncake.master`. `service`, if given, is stopped by `close()`."""
         mc = features_cfg.mooncake

@@ -116,11 +116,11 @@ def _die_with_parent() -> None:
 
 
 class MooncakeService:
-    """A master and one segment holder on `host`; ports 0 mean "pick a free one"."""
+    """A master and one segment holder on `host`; ports 0 mean "pick a free one". Their
+    logs go to a temporary folder; the holder's segment is touched once after start."""
 
     def __init__(self, *, segment_bytes: int, host: str = "127.0.0.1", master_port: int = 0,
-                 metadata_port: int = 0, metrics_port: int = 0, holder_port: int = 0,
-                 log_dir: str | Path | None = None, pretouch: bool = True):
+                 metadata_port: int = 0, metrics_port: int = 0, holder_port: int = 0):
         if segment_bytes < _MIN_SEGMENT_BYTES:  # the holder aborts (INVALID_PARAMS) below this
             raise ValueError(f"features.mooncake.segment_bytes: expected at least 16 MiB, got {segment_bytes}")
         self.host = host
@@ -129,8 +129,7 @@ class MooncakeService:
         self.metadata_port = metadata_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.holder_port = holder_port or free_port(host)
-        self.pretouch = pretouch
-        self._log_dir = Path(log_dir) if log_dir else None
+        self._log_dir: Path | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -168,8 +167,7 @@ class MooncakeService:
                 f"--global_segment_size={self.segment_bytes}", f"--master_server_address={self.master}",
                 f"--metadata_server={self.metadata_server}", "--protocol=tcp"])
             self._wait("holder", lambda: self.stats().get("master_total_capacity_bytes", 0) >= self.segment_bytes)
-            if self.pretouch:
-                warm_segment(self)
+            warm_segment(self)
         except BaseException:
             self.stop()
             raise

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, publish, read_meta, rng_state,
@@ -86,16 +86,13 @@ class DraftLoss(nn.Module):
                                 head=self.head)
 
 
-def apply_fsdp2(draft: Eagle3Draft, mesh: DeviceMesh | None = None,
-                param_dtype: torch.dtype = torch.bfloat16, recompute: str = "auto", compile: bool = False
-                ) -> DraftLoss:
-    """Shard `draft` (already on this rank's device) over `mesh` (default: all ranks)
-    and return the loss module to call. The frozen `embed_tokens` is sharded too
+def apply_fsdp2(draft: Eagle3Draft, param_dtype: torch.dtype = torch.bfloat16, recompute: str = "auto",
+                compile: bool = False) -> DraftLoss:
+    """Shard `draft` (already on this rank's device) over all ranks and return the
+    loss module to call. The frozen `embed_tokens` is sharded too
     but has no gradient, so an optimizer over `requires_grad` parameters keeps no
     state for it. `param_dtype` float32 is for tests that compare with one process."""
-    if mesh is None:
-        device = next(draft.parameters()).device
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = init_device_mesh(next(draft.parameters()).device.type, (dist.get_world_size(),))
     module = DraftLoss(draft, recompute, compile)
     # Inputs keep their dtypes: the teacher's float32 log-probs are soft targets (the
     # default would cast every floating input to param_dtype); the draft casts its
