@@ -40,7 +40,7 @@ class FeatureSpec:
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
     shape: tuple[int, ...]
     num_bytes: int
-    checksum: str  # "xxh3_64:<hex>" of the raw little-endian bytes
+    checksum: str  # "<algorithm>:<hex>" of the raw little-endian bytes (stores/base.py: checksum)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),

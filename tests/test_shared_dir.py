@@ -315,3 +315,37 @@ def test_gc_removes_stale_claims_consumed_samples_and_whole_store(tmp_path):
     assert not (tmp_path / "samples").exists() and not (tmp_path / "control").exists()
     with pytest.raises(StoreError, match="not a DraftFlow store"):
         gc_store(tmp_path, ["all"])
+
+
+def test_chunked_checksums_verify_landing_order_and_the_earlier_whole_format():
+    """Feature checksums hash 8 MiB chunks on several threads: computed while bytes land
+    in any order of cuts, they equal the one-shot value; a flipped byte in a later chunk
+    is caught; refs from earlier versions (one xxh3_64 over all bytes) still verify."""
+    import random
+
+    from draftflow.records import SampleRef
+    from draftflow.stores.base import (CHECKSUM_CHUNK, CHUNKED, WHOLE, LandingChecksum, checksum, make_spec,
+                                       verify_tensor)
+
+    t = torch.randint(0, 255, (2 * CHECKSUM_CHUNK + 777,), dtype=torch.uint8)
+    spec = make_spec("aux_hidden", t)
+    assert spec.checksum.startswith(CHUNKED + ":")
+    rng = random.Random(0)
+    data = memoryview(t.numpy())
+    for algorithm in (CHUNKED, WHOLE):
+        want = checksum(data, algorithm)
+        landing = LandingChecksum(data, want)
+        for cut in sorted(rng.sample(range(1, len(data)), 6)) + [len(data)]:
+            landing.landed(cut)
+        assert landing.value() == want
+    legacy = SampleRef(sample_id="s0", index=0, uri="file:///x", num_tokens=1,
+                       features=(dataclasses.replace(spec, checksum=checksum(data, WHOLE)),))
+    verify_tensor(legacy, "aux_hidden", t)
+    bad = t.clone()
+    bad[CHECKSUM_CHUNK + 5] ^= 1
+    for ref in (legacy, dataclasses.replace(legacy, features=(spec,))):
+        with pytest.raises(ChecksumError, match="feature 'aux_hidden' is corrupt"):
+            verify_tensor(ref, "aux_hidden", bad)
+    odd = dataclasses.replace(legacy, features=(dataclasses.replace(spec, checksum="md5:abc"),))
+    with pytest.raises(StoreError, match="unknown checksum algorithm 'md5'"):
+        verify_tensor(odd, "aux_hidden", t)

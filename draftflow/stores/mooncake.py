@@ -50,7 +50,7 @@ import torch
 import xxhash
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import Lease, StoreError, make_spec, tensor_bytes, verify_tensor
+from draftflow.stores.base import LandingChecksum, Lease, StoreError, make_spec, tensor_bytes, verify_tensor
 from draftflow.stores.mooncake_service import MooncakeService, apply_mooncake_env, http_get, port_open
 from draftflow.stores.shared_dir import resolve_release
 
@@ -387,13 +387,13 @@ class MooncakeStore:
         """Read `ref`'s features into the buffer at `base`, chunk by chunk, and check them.
 
         The reader thread fetches the chunks back to back (the transfer releases the GIL);
-        this thread hashes each one as soon as it has landed, with one streaming xxh3 per
-        feature (its digest equals the one-shot checksum of the put; xxh3 releases the GIL
-        too, so the two threads run on two cores)."""
+        this thread checksums what has landed (`LandingChecksum`: whole 8 MiB checksum
+        chunks, on the checksum threads; xxhash releases the GIL). Without chunk_bytes
+        the read is one call and the checksums run once it is done."""
         stored = [(f, o) for f, o in zip(ref.features, offsets) if f.num_bytes]
         keys = self.feature_keys(ref)
-        data = [tensor_bytes(self._pool.view(base + o, f.num_bytes)) for f, o in stored]
-        hashers = [xxhash.xxh3_64() for _ in stored]
+        sums = [LandingChecksum(tensor_bytes(self._pool.view(base + o, f.num_bytes)), f.checksum)
+                for f, o in stored]
         sizes = [f.num_bytes for f, _ in stored]
         chunks = _chunks(sizes, self.chunk_bytes or sum(sizes))
         fetches = [self._reader.submit(self._fetch, ref, keys, [base + o for _, o in stored], chunk)
@@ -402,11 +402,11 @@ class MooncakeStore:
             for chunk, fetch in zip(chunks, fetches):
                 fetch.result()
                 for i, start, size in chunk:
-                    hashers[i].update(data[i][start:start + size])
+                    sums[i].landed(start + size)
         finally:
             _stop(fetches)  # nothing may still write into the range when the caller frees it
-        for (f, _), hasher in zip(stored, hashers):
-            if f"xxh3_64:{hasher.hexdigest()}" != f.checksum:
+        for (f, _), landed in zip(stored, sums):
+            if landed.value() != f.checksum:
                 verify_tensor(ref, f.name, tensors[f.name])  # the one-shot check: raises ChecksumError
 
     def _fetch(self, ref: SampleRef, keys: list[str], feature_offsets: list[int],
