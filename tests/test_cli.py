@@ -38,6 +38,16 @@ def test_tiny_example_trains_and_exports_through_the_cli(tmp_path):
     with safe_open(str(tmp_path / "exported" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(EXPORT_NAMES)
 
+    # the trained draft evaluated with its target, as the evaluation issue checks it
+    proc = subprocess.run([sys.executable, "-m", "draftflow", "evaluate", "-c", TINY, f"features.root={feat}",
+                           "--draft", str(out / "final"), "--json", str(tmp_path / "tau.json"),
+                           "--num-prompts", "4", "--max-new-tokens", "16"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tau.json").read_text())
+    assert result["lossless"] is True and result["tau"] >= 1.0
+    assert len(result["per_depth"]) == result["depth"] == 5
+
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
     code = main(list(argv))
