@@ -205,8 +205,10 @@ def test_unknown_recompute_mode_names_the_key():
 
 
 def test_in_order_runs_calls_in_order_and_raises_their_errors():
-    """The consume-once bookkeeping thread: calls run one by one in order; a failure is
+    """The consume-once bookkeeping thread: calls run one by one in order; a failure
+    reaches on_error at once (the trainer's loader, which may be waiting on it) and is
     raised by the next submit or by close, never dropped."""
+    import threading
     import time
 
     from draftflow.train.trainer import InOrder
@@ -221,15 +223,42 @@ def test_in_order_runs_calls_in_order_and_raises_their_errors():
     def fail(i):
         raise OSError(f"cannot unlink {i}")
 
-    book = InOrder("test")
+    reported, failed = [], threading.Event()
+    book = InOrder("test", on_error=lambda e: (reported.append(e), failed.set()))
     book.submit(fail, 1)
-    time.sleep(0.2)
+    assert failed.wait(10)
+    while not book._pending[0].done():  # the future completes just after on_error returns
+        time.sleep(0.001)
+    assert [str(e) for e in reported] == ["cannot unlink 1"]
     with pytest.raises(OSError, match="cannot unlink 1"):
         book.submit(seen.append, 99)
     book = InOrder("test")
     book.submit(fail, 2)
     with pytest.raises(OSError, match="cannot unlink 2"):
         book.close()
+
+
+def test_a_failed_bookkeeping_call_ends_a_loader_wait():
+    """FeatureLoader.fail: a trainer blocked in next() gets the error instead of
+    waiting forever for a loader that waits on samples the failed call never freed."""
+    import threading
+
+    from draftflow.train.batches import FeatureLoader, Pending
+
+    class NeverReady:
+        num_samples = 4
+
+        def resolve(self, index):
+            raise Pending
+
+    loader = FeatureLoader(store=None, source=NeverReady(), order=SampleOrder(4, 0, 2, 1), start_step=0,
+                           end_step=2)
+    try:
+        threading.Timer(0.3, loader.fail, [OSError("bookkeeping: disk gone")]).start()
+        with pytest.raises(OSError, match="disk gone"):
+            loader.next(0)
+    finally:
+        loader.close()
 
 
 def test_a_batch_shorter_than_the_unroll_trains_nothing_but_reaches_every_parameter():

@@ -200,6 +200,14 @@ class FeatureLoader:
         except BaseException as e:  # surface loader failures in the training thread
             self.queue.put((None, e))
 
+    def fail(self, error: BaseException) -> None:
+        """Make the trainer's next `next` raise `error` (a failure elsewhere, e.g. in the
+        consume-once bookkeeping, that this loader may be waiting on forever)."""
+        try:
+            self.queue.put_nowait((None, error))
+        except queue.Full:
+            pass  # the trainer is not waiting: the failure's owner raises it itself
+
     def next(self, step: int) -> list[TrainBatch]:
         """The step's micro-batches; an empty list once the source has ended."""
         t0 = time.perf_counter()

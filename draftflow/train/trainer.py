@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,17 +94,26 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 class InOrder:
-    """Runs calls one after another on a background thread. A failed call's error is
-    raised by the next `submit` or by `close` (which waits for all calls)."""
+    """Runs calls one after another on a background thread. A failed call's error goes
+    to `on_error` at once, and is raised by the next `submit` or by `close` (which
+    waits for all calls)."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, on_error=None):
+        self.what, self.on_error = what, on_error
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=what.replace(" ", "-"))
-        self._pending: list[Future] = []
+        self._pending: deque[Future] = deque()
 
     def submit(self, fn, *args) -> None:
         self._raise_failed(wait=False)
-        self._pending.append(self._pool.submit(fn, *args))
+        self._pending.append(self._pool.submit(self._call, fn, *args))
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except BaseException as e:
+            if self.on_error is not None:
+                self.on_error(e)
+            raise
 
     def close(self, raise_errors: bool = True) -> None:
         """Wait for every call; raise the first error (log the others), or only log
@@ -112,9 +122,11 @@ class InOrder:
         self._raise_failed(wait=True, raise_errors=raise_errors)
 
     def _raise_failed(self, wait: bool, raise_errors: bool = True) -> None:
-        done = [f for f in self._pending if wait or f.done()]
-        self._pending = [f for f in self._pending if f not in done]
-        errors = [f.exception() for f in done if f.exception() is not None]
+        errors = []
+        while self._pending and (wait or self._pending[0].done()):  # one worker: they finish in order
+            error = self._pending.popleft().exception()
+            if error is not None:
+                errors.append(error)
         for e in errors[1 if raise_errors else 0:]:
             log.error("%s failed: %s", self.what, e, exc_info=e)
         if errors and raise_errors:
@@ -255,7 +267,8 @@ class Trainer:
         # Consume-once bookkeeping (a `done` link per sample and its data's deletion: an
         # unlink of a 64 MiB cached file takes 15-20 ms) would leave the GPU idle
         # between steps; one thread does it in order instead.
-        bookkeeping = InOrder("consume-once bookkeeping")
+        # A failure there also goes to the loader, which may be waiting for it (Pending).
+        bookkeeping = InOrder("consume-once bookkeeping", on_error=loader.fail)
         finished = False
         try:
             t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
