@@ -129,7 +129,7 @@ class TrainConfig:
     device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
-    recompute: str = "auto"  # recompute the draft layer in backward: auto | always | never
+    recompute: str = "auto"  # recompute the draft head and layer in backward: auto | always | never
     compile: bool = False  # torch.compile the draft layer and head
 
 

@@ -44,20 +44,14 @@ class LossInputs:
         return torch.stack([v.sum() for v in self.valid]).float()
 
 
-def loss_inputs(teacher: Teacher, batch, num_steps: int, device: torch.device | None = None,
-                chunk: int = CHUNK_ROWS) -> LossInputs:
+def loss_inputs(teacher: Teacher, batch, num_steps: int, chunk: int = CHUNK_ROWS) -> LossInputs:
     """Rows from the batch's mask and lengths (read on the host: no device sync), then
-    the batch moved to `device` (default: where the teacher is) and the teacher run."""
+    the batch moved to the teacher's device and the teacher run."""
     rows = loss_rows(batch.loss_mask, batch.lengths, num_steps)
-    device = device or teacher.weight.device
+    device = teacher.weight.device
     batch, rows = batch.to(device), rows.to(device)
     targets = chunked_targets(teacher, batch.last_hidden, rows.teacher, chunk)
     return LossInputs(batch, rows, targets, step_valid(targets, rows))
-
-
-def flat_rows(x_bt: torch.Tensor) -> torch.Tensor:
-    """[B, T, ...] as [B * T, ...] (the index space of `LossRows`)."""
-    return x_bt.reshape(x_bt.shape[0] * x_bt.shape[1], *x_bt.shape[2:])
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -70,7 +64,7 @@ def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
 def chunked_targets(teacher: Teacher, last_hidden_bth: torch.Tensor, positions: torch.Tensor,
                     chunk: int = CHUNK_ROWS) -> Targets:
     """`teacher` on the rows `positions` of last_hidden, `chunk` rows at a time."""
-    flat = flat_rows(last_hidden_bth)
+    flat = last_hidden_bth.flatten(0, 1)  # [B * T, H]: the index space of LossRows
     parts = [teacher(flat[positions[a:b]]) for a, b in _chunks(positions.numel(), chunk)]
     if len(parts) == 1:
         return parts[0]
@@ -98,7 +92,7 @@ def head_terms(draft: Eagle3Draft, hidden_ch, mask_c, teacher_c, log_probs_nv, a
 
 def chunked_ttt_loss(draft: Eagle3Draft, inputs: LossInputs, decay: float, denominators: list[float],
                      chunk: int = CHUNK_ROWS, recompute: bool = False, recompute_layer: bool = False,
-                     head=head_terms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     head=head_terms, layer=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted TTT loss of one micro-batch and summed metric numerators, with the
     draft head run on each step's rows, per chunk.
 
@@ -109,14 +103,14 @@ def chunked_ttt_loss(draft: Eagle3Draft, inputs: LossInputs, decay: float, denom
     so memory for the [c, Vd] log-probs is freed after every chunk instead of kept for
     backward (`DraftLoss` decides, by device and micro-batch size). recompute_layer
     does the same for the decoder layer (see `Eagle3Draft.unroll`); `head` may be a
-    compiled `head_terms`.
+    compiled `head_terms`, `layer` compiled halves of the decoder layer.
     """
     batch, rows, targets = inputs.batch, inputs.rows, inputs.targets
     total = torch.zeros((), device=batch.input_ids.device)
     sums: dict[str, torch.Tensor] = {}
     ids_next = F.pad(batch.input_ids[:, 1:], (0, 1))  # the draft at t is fed token t+1
-    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, len(rows.draft), recompute_layer):
-        hidden_rows = flat_rows(hidden)
+    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, len(rows.draft), recompute_layer, layer):
+        hidden_rows = hidden.flatten(0, 1)
         parts = []
         for a, b in _chunks(rows.draft[k].numel(), chunk):
             args = (draft, hidden_rows[rows.draft[k][a:b]], inputs.valid[k][a:b], rows.teacher_row[k][a:b],

@@ -171,7 +171,8 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden_bth: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_bth))
 
-    def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int, recompute: bool = False):
+    def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int, recompute: bool = False,
+               layer=None):
         """Test-time training forward: yields (k, hidden_bth) for k = 0..num_steps-1.
 
         Step k at position t sees the token ids[t + 1 + k] (callers pass ids already
@@ -182,9 +183,10 @@ class Eagle3Draft(nn.Module):
         recompute: keep only each step's inputs, q/k/v and attention output for
         backward and recompute the norms, projections and MLP there: about a fifth
         more compute, and per step about six [T, H]-sized tensors kept instead of
-        some twenty plus the MLP's four [T, intermediate] ones.
+        some twenty plus the MLP's four [T, intermediate] ones. layer: (qkv, finish) to
+        run in place of the midlayer's own, e.g. compiled versions of them.
         """
-        qkv, finish = self.midlayer.qkv, self.midlayer.finish
+        qkv, finish = layer or (self.midlayer.qkv, self.midlayer.finish)
         if recompute:
             qkv = functools.partial(checkpoint, qkv, use_reentrant=False)
             finish = functools.partial(checkpoint, finish, use_reentrant=False)

@@ -64,11 +64,11 @@ class DraftLoss(nn.Module):
             raise ValueError(f"train.recompute: {recompute!r}, expected one of {', '.join(RECOMPUTE_MODES)}")
         self.draft = draft
         self.recompute = recompute
-        self.head = head_terms
+        # compiled callables held here, so the draft itself stays as built
+        self.head = torch.compile(head_terms) if compile else head_terms
+        self.layer = None
         if compile:
-            draft.midlayer.qkv = torch.compile(draft.midlayer.qkv)
-            draft.midlayer.finish = torch.compile(draft.midlayer.finish)
-            self.head = torch.compile(head_terms)
+            self.layer = (torch.compile(draft.midlayer.qkv), torch.compile(draft.midlayer.finish))
 
     def recomputes(self, inputs) -> tuple[bool, bool]:
         """(head, layer): what backward recomputes for this micro-batch (auto: by the
@@ -83,7 +83,7 @@ class DraftLoss(nn.Module):
     def forward(self, inputs, decay: float, denominators: list[float]):
         head, layer = self.recomputes(inputs)
         return chunked_ttt_loss(self.draft, inputs, decay, denominators, recompute=head, recompute_layer=layer,
-                                head=self.head)
+                                head=self.head, layer=self.layer)
 
 
 def apply_fsdp2(draft: Eagle3Draft, param_dtype: torch.dtype = torch.bfloat16, recompute: str = "auto",

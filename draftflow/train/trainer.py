@@ -165,7 +165,7 @@ class Trainer:
             # This rank's stream has ended but another's has not: a batch with nothing to
             # learn (all masks false) keeps it in step with every collective (FSDP's too).
             batches = [self._empty_batch()]
-        inputs = [loss_inputs(self.teacher, b, k_steps, self.dist.device) for b in batches]
+        inputs = [loss_inputs(self.teacher, b, k_steps) for b in batches]
         counts = all_reduce_sum(sum(x.counts() for x in inputs)).tolist()
         # Fixed metric names, so ranks with no data this step (the end of a consume-once
         # stream) still join every collective with zeros.
