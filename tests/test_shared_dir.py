@@ -334,7 +334,7 @@ def test_chunked_checksums_verify_landing_order_and_the_earlier_whole_format():
     data = memoryview(t.numpy())
     for algorithm in (CHUNKED, WHOLE):
         want = checksum(data, algorithm)
-        landing = LandingChecksum(data, want)
+        landing = LandingChecksum(data, algorithm)
         for cut in sorted(rng.sample(range(1, len(data)), 6)) + [len(data)]:
             landing.landed(cut)
         assert landing.value() == want

@@ -57,7 +57,7 @@ class ClaimBook:
         self.claim_timeout_s = claim_timeout_s
         self._held: dict[str, int] = {}  # sample id -> generation we own
         # The loader thread claims and renews while the bookkeeping thread marks done.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     def _path(self, sample_id: str, gen: int) -> Path:
         return self.claims_dir / f"{sample_id}@{gen}"
@@ -133,18 +133,15 @@ class ClaimBook:
     def done(self, sample_id: str) -> None:
         """Mark a held sample trained: link its claim to `done/`, then drop the claim files."""
         with self._lock:
-            self._done(sample_id)
-
-    def _done(self, sample_id: str) -> None:
-        gen = self._held.pop(sample_id, None)
-        if gen is None:
-            raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")
-        path, marker = self._path(sample_id, gen), self.done_dir / sample_id
-        try:
-            os.link(path, marker)
-        except FileExistsError:
-            pass  # a stealer finished it first; it is done either way
-        except FileNotFoundError:
-            marker.write_text(json.dumps({"owner": self.owner, "sample_id": sample_id, "gen": gen}))
-        for g in range(gen + 1):
-            self._path(sample_id, g).unlink(missing_ok=True)
+            gen = self._held.pop(sample_id, None)
+            if gen is None:
+                raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")
+            path, marker = self._path(sample_id, gen), self.done_dir / sample_id
+            try:
+                os.link(path, marker)
+            except FileExistsError:
+                pass  # a stealer finished it first; it is done either way
+            except FileNotFoundError:
+                marker.write_text(json.dumps({"owner": self.owner, "sample_id": sample_id, "gen": gen}))
+            for g in range(gen + 1):
+                self._path(sample_id, g).unlink(missing_ok=True)

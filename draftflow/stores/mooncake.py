@@ -50,7 +50,8 @@ import torch
 import xxhash
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import LandingChecksum, Lease, StoreError, make_spec, tensor_bytes, verify_tensor
+from draftflow.stores.base import (LandingChecksum, Lease, StoreError, algorithm_of, checksum_mismatch, make_spec,
+                                   tensor_bytes)
 from draftflow.stores.mooncake_service import MooncakeService, apply_mooncake_env, http_get, port_open
 from draftflow.stores.shared_dir import resolve_release
 
@@ -123,6 +124,14 @@ def _layout(sizes: list[int]) -> tuple[list[int], int]:
         offsets.append(end)
         end += -(-n // _ALIGN) * _ALIGN
     return offsets, max(end, _ALIGN)
+
+
+def ranges_args(buffer_ptr: int, keys: list[str], feature_offsets: list[int],
+                chunk: list[tuple[int, int, int]]) -> tuple[list, ...]:
+    """`get_into_ranges` arguments for one chunk (see `_chunks`): each piece of feature i
+    goes from its object at `start` to `feature_offsets[i] + start` in the buffer."""
+    return ([buffer_ptr], [[keys[i] for i, _, _ in chunk]], [[[feature_offsets[i] + start] for i, start, _ in chunk]],
+            [[[start] for _, start, _ in chunk]], [[[size] for _, _, size in chunk]])
 
 
 def _chunks(sizes: list[int], chunk_bytes: int) -> list[list[tuple[int, int, int]]]:
@@ -274,9 +283,9 @@ class MooncakeStore:
         base = self._pool.alloc(total, self.full_timeout_s)
         try:
             # Copy every feature into the registered buffer, then start the transfer in a
-            # worker thread; meanwhile this thread checksums the source tensors (the same
-            # bytes). The copy and the transfer release the GIL, xxh3 holds it, so the
-            # checksums cost no wall time. The ref, which carries them, is written last.
+            # worker thread; meanwhile the source tensors (the same bytes) are checksummed.
+            # The copy, the transfer and xxhash release the GIL, so the checksums cost
+            # little wall time. The ref, which carries them, is written last.
             sources = {name: t.detach().contiguous() for name, t in tensors.items()}
             for (name, t), o in zip(sources.items(), offsets):
                 self._pool.view(base + o, t.numel() * t.element_size()).copy_(t.view(-1).view(torch.uint8))
@@ -342,8 +351,9 @@ class MooncakeStore:
                 return None
             if n == REPLICA_IS_NOT_READY:
                 # The ref is written last, so this is a writer (a killed producer) that died
-                # while publishing it: not published. Drop what can be dropped; the caller
-                # captures the sample again and the ref is upserted over any remnant.
+                # while publishing it: not published. Try to drop the remnant, ignoring the
+                # result (an unfinished object may refuse removal); the caller captures the
+                # sample again and upserts its ref over whatever is left.
                 self._client.batch_remove([self._ref_key(sample_id)], True)
                 return None
             if n < 0:
@@ -373,7 +383,7 @@ class MooncakeStore:
         try:
             tensors = {f.name: self._pool.view(base + o, f.num_bytes).view(_dtype(f.dtype)).reshape(f.shape)
                        for f, o in zip(ref.features, offsets)}
-            self._read_verified(ref, base, offsets, tensors)
+            self._read_verified(ref, base, offsets)
         except BaseException:
             self._pool.free(base, total)
             raise
@@ -382,8 +392,7 @@ class MooncakeStore:
             self._leases[id(lease)] = (lease, base, total)
         return lease
 
-    def _read_verified(self, ref: SampleRef, base: int, offsets: list[int],
-                       tensors: dict[str, torch.Tensor]) -> None:
+    def _read_verified(self, ref: SampleRef, base: int, offsets: list[int]) -> None:
         """Read `ref`'s features into the buffer at `base`, chunk by chunk, and check them.
 
         The reader thread fetches the chunks back to back (the transfer releases the GIL);
@@ -392,30 +401,36 @@ class MooncakeStore:
         the read is one call and the checksums run once it is done."""
         stored = [(f, o) for f, o in zip(ref.features, offsets) if f.num_bytes]
         keys = self.feature_keys(ref)
-        sums = [LandingChecksum(tensor_bytes(self._pool.view(base + o, f.num_bytes)), f.checksum)
+        sums = [LandingChecksum(tensor_bytes(self._pool.view(base + o, f.num_bytes)), algorithm_of(f.checksum))
                 for f, o in stored]
         sizes = [f.num_bytes for f, _ in stored]
         chunks = _chunks(sizes, self.chunk_bytes or sum(sizes))
-        fetches = [self._reader.submit(self._fetch, ref, keys, [base + o for _, o in stored], chunk)
-                   for chunk in chunks]
-        try:
-            for chunk, fetch in zip(chunks, fetches):
-                fetch.result()
-                for i, start, size in chunk:
-                    sums[i].landed(start + size)
-        finally:
-            _stop(fetches)  # nothing may still write into the range when the caller frees it
-        for (f, _), landed in zip(stored, sums):
-            if landed.value() != f.checksum:
-                verify_tensor(ref, f.name, tensors[f.name])  # the one-shot check: raises ChecksumError
+        feature_offsets = [base + o for _, o in stored]
+
+        def landed(chunk):
+            for i, start, size in chunk:
+                sums[i].landed(start + size)
+
+        if len(chunks) > 1:
+            fetches = [self._reader.submit(self._fetch, ref, keys, feature_offsets, chunk) for chunk in chunks]
+            try:
+                for chunk, fetch in zip(chunks, fetches):
+                    fetch.result()
+                    landed(chunk)
+            finally:
+                _stop(fetches)  # nothing may still write into the range when the caller frees it
+        else:  # one read: nothing to overlap the checksums with, so no hop to the reader thread
+            for chunk in chunks:
+                self._fetch(ref, keys, feature_offsets, chunk)
+                landed(chunk)
+        for (f, _), checked in zip(stored, sums):
+            if checked.value() != f.checksum:
+                raise checksum_mismatch(ref, f, checked.value())
 
     def _fetch(self, ref: SampleRef, keys: list[str], feature_offsets: list[int],
                chunk: list[tuple[int, int, int]]) -> None:
         """One chunk: its pieces of features' objects into their places in the buffer."""
-        results = self._client.get_into_ranges(
-            [self._pool.ptr], [[keys[i] for i, _, _ in chunk]],
-            [[[feature_offsets[i] + start] for i, start, _ in chunk]],
-            [[[start] for _, start, _ in chunk]], [[[size] for _, _, size in chunk]])
+        results = self._client.get_into_ranges(*ranges_args(self._pool.ptr, keys, feature_offsets, chunk))
         for (i, start, size), (code,) in zip(chunk, results[0]):
             if code < 0:
                 raise error_for(code, f"sample {ref.sample_id!r}: get {keys[i]}")

@@ -129,8 +129,7 @@ class MooncakeService:
         self.metadata_port = metadata_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.holder_port = holder_port or free_port(host)
-        self._log_dir: Path | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None  # the logs' folder, made on first use
         self._procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -147,10 +146,9 @@ class MooncakeService:
 
     @property
     def log_dir(self) -> Path:
-        if self._log_dir is None:
+        if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="draftflow-mooncake-")
-            self._log_dir = Path(self._tmp.name)
-        return self._log_dir
+        return Path(self._tmp.name)
 
     def start(self) -> "MooncakeService":
         """Start the master, then the holder; return when the holder's segment is mounted."""
@@ -225,7 +223,6 @@ class MooncakeService:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-            self._log_dir = None
 
     def __enter__(self) -> "MooncakeService":
         return self.start()
