@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regen-max-prompt-tokens", type=int, help="longer prompts keep their reply (default "
                    "data.max_length)")
     p.add_argument("--regen-batch-size", type=int, default=256)
-    p.add_argument("--regen-batch-tokens", type=int, default=65536, help="padded prompt tokens per generate call")
+    p.add_argument("--regen-batch-tokens", type=int, help="padded prompt tokens per generate call (default 65536)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="further config overrides")
     return p.parse_args(argv)
 

@@ -59,7 +59,7 @@ def cmd_regenerate(args) -> int:
     cfg = _config(args)
     stats = regenerate(cfg, args.out, max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
                        batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens, workers=args.workers,
-                       **({} if args.batch_tokens is None else {"batch_tokens": args.batch_tokens}))
+                       batch_tokens=args.batch_tokens)
     print(f"regenerated {stats.replies} replies ({stats.new_tokens} tokens) in {stats.regenerated} of "
           f"{stats.conversations} conversations in {stats.seconds:.0f} s -> {args.out}; train on it with "
           f"data.sources=[{args.out}]")

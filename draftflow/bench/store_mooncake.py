@@ -38,7 +38,7 @@ import safetensors.torch
 import torch
 
 from draftflow.config import FeaturesConfig, MooncakeConfig
-from draftflow.stores.mooncake import MooncakeStore, _chunks
+from draftflow.stores.mooncake import MooncakeStore, _chunks, _layout, ranges_args
 from draftflow.stores.mooncake_service import MooncakeService
 
 
@@ -55,21 +55,21 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def _raw_layout(store: MooncakeStore, ref, base: int) -> tuple[list[str], list[int], list[int]]:
-    """Keys, sizes and buffer pointers of `ref`'s stored features, placed from `base` on."""
-    keys = store.feature_keys(ref)
+def _raw_layout(store: MooncakeStore, ref) -> tuple[list[str], list[int], list[int], int]:
+    """Keys, sizes and offsets of `ref`'s stored features in a buffer range, placed as the
+    store places them, and the bytes they span."""
     sizes = [f.num_bytes for f in ref.features if f.num_bytes]
-    ptrs, off = [], store._pool.ptr + base
-    for n in sizes:
-        ptrs.append(off)
-        off += -(-n // 64) * 64
-    return keys, sizes, ptrs
+    offsets, total = _layout(sizes)
+    return store.feature_keys(ref), sizes, offsets, total
 
 
-def _raw_reads(store: MooncakeStore, ref, base: int) -> dict:
-    """Mooncake's own reads of `ref`'s objects into the registered buffer at `base`, with
-    nothing around them, each ONE call: name -> a function that does it."""
-    keys, sizes, ptrs = _raw_layout(store, ref, base)
+def _raw_reads(store: MooncakeStore, layout, base: int) -> dict:
+    """Mooncake's own reads of a sample's objects (`_raw_layout`) into the registered
+    buffer at `base`, with nothing around them, each ONE call: name -> a function that
+    does it."""
+    keys, sizes, offsets, _ = layout
+    offsets = [base + o for o in offsets]
+    ptrs = [store._pool.ptr + o for o in offsets]
 
     def batch_get_into():
         codes = store._client.batch_get_into(keys, ptrs, sizes)
@@ -77,9 +77,7 @@ def _raw_reads(store: MooncakeStore, ref, base: int) -> dict:
 
     def get_into_ranges(chunk_bytes: int):
         pieces = [p for chunk in _chunks(sizes, chunk_bytes) for p in chunk]
-        args = ([store._pool.ptr], [[keys[k] for k, _, _ in pieces]],
-                [[[ptrs[k] - store._pool.ptr + s] for k, s, _ in pieces]], [[[s] for _, s, _ in pieces]],
-                [[[n] for _, _, n in pieces]])
+        args = ranges_args(store._pool.ptr, keys, offsets, pieces)
 
         def read():
             codes = store._client.get_into_ranges(*args)
@@ -96,15 +94,16 @@ def _round(store: MooncakeStore, naive, x: dict, i: int, num_bytes: int) -> dict
     """One round of every path; returns seconds per path."""
     t = {}
     t["zero_copy_put"], ref = _timed(lambda: store.put(f"b{i}", i, x))
-    span = num_bytes + 64 * len(ref.features)
+    layout = _raw_layout(store, ref)
+    keys, sizes, offsets, span = layout
     base = store._pool.alloc(span, 1.0)
-    reads = {"zero_copy_get": lambda: store.release(store.get(ref)), **_raw_reads(store, ref, base)}
+    reads = {"zero_copy_get": lambda: store.release(store.get(ref)), **_raw_reads(store, layout, base)}
     # The first reads of a fresh object are slower than later ones, so each round starts
     # the rotation of the read paths at another one.
     names = list(reads)
     seconds = {name: _timed(reads[name])[0] for name in names[i % len(names):] + names[:i % len(names)]}
     t.update((name, seconds[name]) for name in names)
-    keys, sizes, ptrs = _raw_layout(store, ref, base)
+    ptrs = [store._pool.ptr + base + o for o in offsets]
     raw_keys = [k + "-raw" for k in keys]
     t["raw_put_from"], codes = _timed(lambda: store._client.batch_put_from(raw_keys, ptrs, sizes, store._pin))
     assert all(c == 0 for c in codes), codes
