@@ -1,8 +1,8 @@
 """Draft training throughput and MFU on GPU, on random features.
 
 One optimizer step is the trainer's: chunked teacher, step masks, TTT loss with
-fused TTT attention and chunked draft head (`DraftLoss`, FSDP2 under torchrun),
-backward, clipping, AdamW. MFU is against the card's bf16 matmul rate measured
+fused TTT attention and chunked draft head (`DraftLoss` through FSDP2 on CUDA, one
+GPU included, as the trainer runs it), backward, clipping, AdamW. MFU is against the card's bf16 matmul rate measured
 in the same run.
 
     python benchmarks/bench_train_gpu.py --out bench.json              # one GPU, 2k/8k/32k
@@ -12,8 +12,8 @@ in the same run.
 FLOPs per token: each TTT step runs q/k/v/o, the MLP and the draft lm_head plus
 causal attention over a mean prefix of T/2, three times (forward and backward);
 the fc runs once per token (three times, it is trained) and the frozen target
-lm_head once (forward only). Recomputation (checkpointed draft head, and the decoder
-layer under `--recompute always`, or auto at 16k+ tokens) is not counted.
+lm_head once (forward only). Recomputation (of the draft head and of the decoder
+layer, by `--recompute`; each run's JSON says which auto chose) is not counted.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from draftflow.train.chunked_loss import loss_inputs
 from draftflow.train.distributed import all_reduce_sum, init_distributed, shutdown
 from draftflow.train.loss import Teacher
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
-from draftflow.train.parallelize import DraftLoss, apply_fsdp2
+from draftflow.train.parallelize import compile_enabled, loss_module
 from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
 
 LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -42,7 +42,7 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
 TTT_STEPS = 7
 
 
-def build(shape: dict, device: torch.device):
+def build(shape: dict, device: torch.device, compile: bool = False):
     cfg = DraftModelConfig(**shape, rms_norm_eps=1e-5, max_position_embeddings=131072, aux_layer_ids=(1, 15, 28),
                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def build(shape: dict, device: torch.device):
     draft = draft.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = Teacher(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02,
-                      torch.arange(cfg.draft_vocab_size)).to(device)
+                      torch.arange(cfg.draft_vocab_size), compile).to(device)
     return cfg, draft, teacher, "model.py"
 
 
@@ -125,6 +125,7 @@ def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps, profi
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")  # as the trainer
     batch = random_batch(cfg, t, device, seed=rank)
+    head_recomputed, layer_recomputed = module.recomputes(loss_inputs(teacher, batch, TTT_STEPS))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -147,7 +148,8 @@ def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps, profi
         del optimizer
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
     out = {"seq": t, "step_s": step_s, "tokens_per_s_per_gpu": t / step_s, "peak_gib": peak,
-           "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses))}
+           "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+           "head_recomputed": head_recomputed, "layer_recomputed": layer_recomputed}
     if kernels is not None:
         out["profile"] = kernels
     return out
@@ -180,22 +182,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
     ap.add_argument("--recompute", default="auto", help="train.recompute: auto | always | never")
-    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile layer and head")
+    ap.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                    help="train.compile (auto, the default: on CUDA)")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per seq: device time by kernel")
-    ap.add_argument("--fsdp", action="store_true", help="one process through FSDP2 too (a 1-rank group): "
-                    "bf16 parameters cast once per step instead of autocast over float32 weights")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     info = init_distributed("cpu" if args.small else "auto")
     device = info.device
-    if args.fsdp and info.world_size == 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-    cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device)
-    options = {"recompute": args.recompute, "compile": args.compile}
-    fsdp = info.world_size > 1 or args.fsdp
-    module = apply_fsdp2(draft, **options) if fsdp else DraftLoss(draft, **options)
+    compile = compile_enabled({"true": True, "false": False}.get(args.compile, args.compile), device)
+    cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device, compile)
+    options = {"recompute": args.recompute, "compile": compile}
+    module, fsdp = loss_module(draft, **options)  # as the trainer: FSDP2 on CUDA, one GPU included
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "world_size": info.world_size,
               **options,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

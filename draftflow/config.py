@@ -130,7 +130,14 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     recompute: str = "auto"  # recompute the draft head and layer in backward: auto | always | never
-    compile: bool = False  # torch.compile the draft layer and head
+    compile: bool | str = "auto"  # torch.compile layer, head, attention merge, teacher: auto (on CUDA) | true | false
+
+    def __post_init__(self):
+        # named at load time, before a colocated run spends its capture
+        if self.recompute not in ("auto", "always", "never"):
+            raise ValueError(f"train.recompute: {self.recompute!r}, expected one of auto, always, never")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ValueError(f"train.compile: {self.compile!r}, expected true, false or auto")
 
 
 @dataclass(**RECORD)

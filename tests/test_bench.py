@@ -165,19 +165,20 @@ def test_disagg_timeline_counts_producer_rate_and_overlapping_steps(bench_script
     assert math.isclose(got["producer_tokens_per_s_while_consumer_trained"], 4 * 10 / 2.0)
 
 
-def test_train_benchmark_small_one_process_fsdp2_with_kernel_profile(tmp_path):
-    """bench_train_gpu.py --small (CPU): --fsdp runs one process through FSDP2 (a
-    1-rank group), --profile adds the time per op of two more steps."""
+def test_train_benchmark_small_with_kernel_profile(tmp_path):
+    """bench_train_gpu.py --small (CPU, where the trainer keeps a plain DraftLoss):
+    --profile adds the time per op of two more steps; each run says what it recomputed."""
     out = tmp_path / "train.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_gpu.py"), "--small", "--seqs", "48",
-                           "--steps", "2", "--fsdp", "--profile", "--out", str(out)],
+                           "--steps", "2", "--profile", "--out", str(out)],
                           capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["fsdp2"] is True and r["world_size"] == 1
+    assert r["fsdp2"] is False and r["world_size"] == 1
     run = r["runs"][0]
     assert run["finite"] and _positive(run["tokens_per_s"])
+    assert run["head_recomputed"] is False and run["layer_recomputed"] is False  # auto on CPU
     assert run["profile"] and all(_positive(p["ms_per_step"]) for p in run["profile"])
     assert any("mm" in p["name"] for p in run["profile"])
-    assert "fsdp2 True" in proc.stdout
+    assert "fsdp2 False" in proc.stdout

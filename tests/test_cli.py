@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from draftflow.cli import main
@@ -64,6 +65,15 @@ def test_unknown_key_in_a_file_names_the_file(capsys, tmp_path):
     bad.write_text("draft:\n  ttt_lenght: 3\n")
     code, err = run_cli(capsys, "train", "-c", TINY, "-c", str(bad))
     assert code == 2 and "bad.yaml" in err and "draft.ttt_lenght" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.compile=maybe", "train.compile: 'maybe', expected true, false or auto"),
+    ("train.recompute=sometimes", "train.recompute: 'sometimes', expected one of auto, always, never")])
+def test_a_bad_training_option_is_named_before_any_work(capsys, tmp_path, override, message):
+    code, err = run_cli(capsys, "train", "-c", TINY, f"features.root={tmp_path / 'feat'}", override)
+    assert code == 2 and message in err
+    assert not (tmp_path / "feat").exists()  # refused at load: nothing captured
 
 
 def test_unknown_role_is_refused(capsys):

@@ -158,5 +158,37 @@ def test_fsdp2_on_two_gpus_trains_with_falling_finite_loss_and_resumes():
         check_result(run_workers("cuda", Path(tmp)), exact_resume=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_gpu_trainer_goes_through_fsdp2_and_resumes_from_its_sharded_checkpoint(tmp_path):
+    """A single-process CUDA run trains through FSDP2 (a one-rank group): its checkpoints
+    are sharded (DCP), resume continues from one, and a CPU run refuses to load it."""
+    from draftflow.config import load_config
+    from draftflow.roles import run_colocated
+    from draftflow.train.metrics import read_metrics
+
+    def cfg(root, *more):
+        return load_config([ROOT / "examples" / "tiny.yaml"], [
+            f"features.root={root / 'feat'}", f"train.output_dir={root / 'run'}", "train.progress=false",
+            "train.tensorboard=false", "capture.device=cuda", "train.device=cuda", "train.max_steps=6",
+            "data.max_samples=12", "train.batch_size=2", "train.grad_accum=2", "train.log_every=1", *more])
+
+    run_colocated(cfg(tmp_path / "a"))
+    first = run_colocated(cfg(tmp_path / "b"), stop_after=3)
+    meta = json.loads((first.checkpoint / "meta.json").read_text())
+    assert meta["layout"] == "dcp" and meta["world_size"] == 1
+    assert (first.checkpoint / "dcp").is_dir() and (first.checkpoint / "model.safetensors").is_file()
+    resumed = run_colocated(cfg(tmp_path / "b"))
+    assert resumed.final_dir is not None
+    straight = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
+    again = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [m["step"] for m in again] == list(range(1, 7))
+    losses = torch.tensor([m["loss"] for m in straight])
+    assert torch.isfinite(losses).all() and losses[-1] < losses[0], losses
+    # bf16 on GPU with atomics in flash attention's backward: close, not bit-equal
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in again]), losses, rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match=r"sharded checkpoint .*'dcp'.* resume it on CUDA"):
+        run_colocated(cfg(tmp_path / "b", "train.device=cpu", "capture.device=cpu", "train.max_steps=8"))
+
+
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])

@@ -197,6 +197,21 @@ def test_recomputed_and_compiled_layer_give_the_eager_loss_and_gradients(options
         assert torch.allclose(g1[name], g0[name], rtol=0 if exact else 1e-4, atol=0 if exact else 1e-6), name
 
 
+def test_compiled_teacher_gives_the_eager_targets():
+    """train.compile's teacher (one graph after the matmul) computes the eager targets,
+    for row counts that change from batch to batch."""
+    g = torch.Generator().manual_seed(3)
+    weight, ids = torch.randn(50, 16, generator=g) * 3, torch.arange(5, 45)
+    eager, compiled = Teacher(weight, ids), Teacher(weight, ids, compile=True)
+    for rows in (7, 12, 31):
+        hidden = torch.randn(rows, 16, generator=g)
+        want, got = eager(hidden), compiled(hidden)
+        assert torch.equal(got.argmax, want.argmax) and torch.equal(got.valid, want.valid)
+        assert not got.valid.all() and got.valid.any()  # some argmaxes fall outside the draft vocab
+        torch.testing.assert_close(got.log_probs, want.log_probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.full_probs, want.full_probs, rtol=1e-5, atol=1e-7)
+
+
 def test_unknown_recompute_mode_names_the_key():
     from draftflow.train.parallelize import DraftLoss
 
@@ -280,3 +295,4 @@ def test_a_batch_shorter_than_the_unroll_trains_nothing_but_reaches_every_parame
         assert x.counts().tolist() == [float(mask)] + [0.0] * 6  # T=3: step 0 at t=0 predicts token 2
         assert (float(loss) == 0.0) == (mask == 0) and torch.isfinite(loss)
         assert all(p.grad is not None for p in draft.parameters() if p.requires_grad)
+

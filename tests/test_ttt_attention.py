@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from draftflow.train.model import Attention, DraftModelConfig
-from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
+from draftflow.train.ttt_attention import compiled_merge, reference_ttt_attention, ttt_attention
 
 SCALE = 8 ** -0.5
 
@@ -51,6 +51,19 @@ def test_merged_attention_matches_reference_with_gradients(kernel, num_steps):
     for g, e, r in zip(got_grads, exact_grads, ref_grads):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_merge_gives_the_eager_output_and_gradients():
+    """train.compile's merge (fused graphs, dynamic in T) computes what the eager one
+    does, across sequence lengths and unroll steps (step 0 has nothing to merge)."""
+    for t, num_steps in [(13, 3), (21, 3), (9, 1), (17, 5)]:
+        q, keys, values = inputs(num_steps, t=t, seed=t)
+        eager, eager_grads = out_and_grads(lambda *a: ttt_attention(*a, SCALE, kernel="math"), q, keys, values)
+        got, got_grads = out_and_grads(lambda *a: ttt_attention(*a, SCALE, kernel="math", merge=compiled_merge()),
+                                       q, keys, values)
+        torch.testing.assert_close(got, eager, rtol=1e-10, atol=1e-12)
+        for g, e in zip(got_grads, eager_grads):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 def test_merged_attention_passes_gradcheck():

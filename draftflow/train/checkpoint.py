@@ -90,7 +90,10 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     """Restore everything in place; returns the step to continue from."""
-    read_meta(ckpt)
+    meta = read_meta(ckpt)
+    if meta.get("layout") is not None:
+        raise ValueError(f"{ckpt}: a sharded checkpoint (meta.json layout {meta['layout']!r}) written by a CUDA "
+                         f"run on {meta.get('world_size')} GPU(s): resume it on CUDA")
     missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
     missing = [k for k in missing if not k.startswith(EXCLUDED)]
     if missing or unexpected:

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from draftflow.train.loss import LossRows, Targets, Teacher, loss_rows, step_valid
 from draftflow.train.model import Eagle3Draft
+from draftflow.train.ttt_attention import EAGER_MERGE, Merge
 
 CHUNK_ROWS = 2048  # [2048, 128256] float32 teacher logits: 1 GiB for a Llama-3 teacher
 
@@ -92,7 +93,8 @@ def head_terms(draft: Eagle3Draft, hidden_ch, mask_c, teacher_c, log_probs_nv, a
 
 def chunked_ttt_loss(draft: Eagle3Draft, inputs: LossInputs, decay: float, denominators: list[float],
                      chunk: int = CHUNK_ROWS, recompute: bool = False, recompute_layer: bool = False,
-                     head=head_terms, layer=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     head=head_terms, layer=None, merge: Merge = EAGER_MERGE,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted TTT loss of one micro-batch and summed metric numerators, with the
     draft head run on each step's rows, per chunk.
 
@@ -103,13 +105,14 @@ def chunked_ttt_loss(draft: Eagle3Draft, inputs: LossInputs, decay: float, denom
     so memory for the [c, Vd] log-probs is freed after every chunk instead of kept for
     backward (`DraftLoss` decides, by device and micro-batch size). recompute_layer
     does the same for the decoder layer (see `Eagle3Draft.unroll`); `head` may be a
-    compiled `head_terms`, `layer` compiled halves of the decoder layer.
+    compiled `head_terms`, `layer` compiled halves of the decoder layer, `merge` the
+    compiled attention merge.
     """
     batch, rows, targets = inputs.batch, inputs.rows, inputs.targets
     total = torch.zeros((), device=batch.input_ids.device)
     sums: dict[str, torch.Tensor] = {}
     ids_next = F.pad(batch.input_ids[:, 1:], (0, 1))  # the draft at t is fed token t+1
-    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, len(rows.draft), recompute_layer, layer):
+    for k, hidden in draft.unroll(ids_next, batch.aux_hidden, len(rows.draft), recompute_layer, layer, merge):
         hidden_rows = hidden.flatten(0, 1)
         parts = []
         for a, b in _chunks(rows.draft[k].numel(), chunk):

@@ -38,27 +38,35 @@ class Targets:
     valid: torch.Tensor  # bool: teacher row usable (argmax in draft vocab)
 
 
-class Teacher(torch.nn.Module):
-    """The frozen target lm_head, applied to stored final hidden states."""
+def teacher_targets(logits_nv: torch.Tensor, draft_ids: torch.Tensor, t2d: torch.Tensor):
+    """(log_probs, full_probs, argmax, valid) of `Targets` from the target's logits,
+    row-wise; a pure function, so that train.compile fuses the passes over [N, V]."""
+    logits = logits_nv.float()
+    argmax = logits.argmax(-1)
+    full_log_probs = torch.log_softmax(logits, -1)
+    return (torch.log_softmax(logits[..., draft_ids], -1), full_log_probs[..., draft_ids].exp(), argmax,
+            t2d[argmax])
 
-    def __init__(self, lm_head_weight_vh: torch.Tensor, draft_ids: torch.Tensor):
+
+class Teacher(torch.nn.Module):
+    """The frozen target lm_head, applied to stored final hidden states. compile
+    (`train.compile`): the softmaxes, gathers and argmax after the matmul run as one
+    compiled graph instead of a kernel per pass over the [N, V] float32 logits."""
+
+    def __init__(self, lm_head_weight_vh: torch.Tensor, draft_ids: torch.Tensor, compile: bool = False):
         super().__init__()
         self.register_buffer("weight", lm_head_weight_vh.detach().clone(), persistent=False)
         self.register_buffer("draft_ids", draft_ids.clone(), persistent=False)
         t2d = torch.zeros(lm_head_weight_vh.shape[0], dtype=torch.bool)
         t2d[draft_ids] = True
         self.register_buffer("t2d", t2d, persistent=False)
+        self.targets = torch.compile(teacher_targets) if compile else teacher_targets
 
     @torch.no_grad()
     def forward(self, last_hidden: torch.Tensor) -> Targets:
         """Row-wise over any leading dims of last_hidden [..., H]."""
-        logits = F.linear(last_hidden.to(self.weight.dtype), self.weight).float()  # [..., V]
-        argmax = logits.argmax(-1)
-        full_log_probs = torch.log_softmax(logits, -1)
-        draft_logits = logits[..., self.draft_ids]
-        return Targets(log_probs=torch.log_softmax(draft_logits, -1),
-                       full_probs=full_log_probs[..., self.draft_ids].exp(),
-                       argmax=argmax, valid=self.t2d[argmax])
+        logits = F.linear(last_hidden.to(self.weight.dtype), self.weight)  # [..., V]
+        return Targets(*self.targets(logits, self.draft_ids, self.t2d))
 
 
 @dataclass(frozen=True, slots=True)

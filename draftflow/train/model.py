@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from draftflow.train.ttt_attention import ttt_attention
+from draftflow.train.ttt_attention import EAGER_MERGE, Merge, ttt_attention
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,14 +102,15 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return q, k, v
 
-    def attend_ttt(self, q, keys: list, values: list) -> torch.Tensor:
+    def attend_ttt(self, q, keys: list, values: list, merge: Merge = EAGER_MERGE) -> torch.Tensor:
         """Test-time-training attention for unroll step k = len(keys) - 1.
 
         Queries of step k see the causal prefix of step 0 (keys[0], values[0]) plus,
         at the same position only, the keys of steps 1..k: exactly what a chain
         draft sees when serving, where step j's token sits right after step j-1's.
+        merge: the fused kernel's merge functions (see ttt_attention), eager or compiled.
         """
-        out = ttt_attention(q, keys, values, self.hd ** -0.5)  # fused on CUDA; the reference math on CPU
+        out = ttt_attention(q, keys, values, self.hd ** -0.5, merge=merge)  # fused on CUDA; the reference on CPU
         b, nh, t, hd = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, nh * hd))
 
@@ -172,7 +173,7 @@ class Eagle3Draft(nn.Module):
         return self.lm_head(self.norm(hidden_bth))
 
     def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int, recompute: bool = False,
-               layer=None):
+               layer=None, merge: Merge = EAGER_MERGE):
         """Test-time training forward: yields (k, hidden_bth) for k = 0..num_steps-1.
 
         Step k at position t sees the token ids[t + 1 + k] (callers pass ids already
@@ -184,7 +185,8 @@ class Eagle3Draft(nn.Module):
         backward and recompute the norms, projections and MLP there: about a fifth
         more compute, and per step about six [T, H]-sized tensors kept instead of
         some twenty plus the MLP's four [T, intermediate] ones. layer: (qkv, finish) to
-        run in place of the midlayer's own, e.g. compiled versions of them.
+        run in place of the midlayer's own, e.g. compiled versions of them; merge: the
+        attention merge's functions (`ttt_attention.compiled_merge()` under train.compile).
         """
         qkv, finish = layer or (self.midlayer.qkv, self.midlayer.finish)
         if recompute:
@@ -203,7 +205,7 @@ class Eagle3Draft(nn.Module):
             q, key, value = qkv(embed, hidden, cos, sin)
             keys.append(key)
             values.append(value)
-            attn = self.midlayer.self_attn.attend_ttt(q, keys, values)
+            attn = self.midlayer.self_attn.attend_ttt(q, keys, values, merge)
             hidden = finish(hidden, attn)
             yield k, hidden
 

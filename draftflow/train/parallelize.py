@@ -1,5 +1,11 @@
 """FSDP2 for the draft, and sharded (DCP) checkpoints with exact resume.
 
+Every CUDA run trains through FSDP2, one GPU included (a one-rank process group):
+its bf16 parameter policy casts each weight once per step, where autocast over
+float32 weights would cast it again at every use in the unroll and add every bf16
+weight gradient into a float32 one. CPU runs keep a plain `DraftLoss` (float32,
+bit-exact across world sizes with the trainer's own gradient all-reduce).
+
 FSDP2 gathers parameters in hooks around a module's `forward`; the draft is
 driven through `unroll` and `logits`, so the loss runs inside `DraftLoss.forward`
 and the whole draft is sharded as one unit (one decoder layer: nothing to gain
@@ -15,6 +21,7 @@ export, and one RNG file per rank.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -32,17 +39,38 @@ from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, publish, r
                                         set_rng_state)
 from draftflow.train.chunked_loss import chunked_ttt_loss, head_terms
 from draftflow.train.model import Eagle3Draft
+from draftflow.train.ttt_attention import EAGER_MERGE, compiled_merge
 
 LAYOUT = "dcp"
 
 
 RECOMPUTE_MODES = ("auto", "always", "never")
-# From how many rows `auto` recomputes on CUDA: the draft head's [N, Vd] float32
-# log-probs (about 1 GiB per 2048 rows and unroll step for a 32k draft vocab), counted
-# over the rows the head runs on; then the decoder layer's activations (about 2 GiB per
-# 2048 positions over 7 steps for an 8B-shaped draft), counted over all B x T positions.
-RECOMPUTE_HEAD_TOKENS = 4097
+
+
+def compile_enabled(value, device: torch.device) -> bool:
+    """`train.compile`: true, false, or auto (on CUDA, where the fused graphs pay for their
+    compile time within a few steps; on CPU the compile time would dominate short runs)."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return device.type == "cuda"
+    raise ValueError(f"train.compile: {value!r}, expected true, false or auto")
+# `auto` on CUDA. The draft head keeps, for backward, about HEAD_BYTES_PER_LOGIT bytes per
+# row and draft-vocab entry (a bf16 logit and a float32 log-prob; 5.8 measured with
+# train.compile on an H200, 8 for the eager head's extra copies): 9.7 GiB at 8192 rows x 7
+# steps for a 32k draft vocab. It is kept while that takes at most HEAD_MEMORY_SHARE of
+# the card and recomputed per chunk beyond, which costs the head's forward again (about
+# 10% of a step). The decoder layer's activations (about 2 GiB per 2048 positions over 7
+# steps for an 8B-shaped draft) are recomputed from RECOMPUTE_LAYER_TOKENS positions of
+# the micro-batch on.
+HEAD_BYTES_PER_LOGIT = 8
+HEAD_MEMORY_SHARE = 0.25
 RECOMPUTE_LAYER_TOKENS = 16384
+
+
+@functools.cache
+def _card_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 class DraftLoss(nn.Module):
@@ -50,12 +78,12 @@ class DraftLoss(nn.Module):
 
     recompute (`train.recompute`): whether backward recomputes the draft head (per
     chunk of rows) and the decoder layer instead of keeping their activations:
-    always, never, or auto (on CUDA, the head from RECOMPUTE_HEAD_TOKENS rows of
-    unroll step 0 and the layer from RECOMPUTE_LAYER_TOKENS positions of the
-    micro-batch on, where activations rather than weights fill the card; each costs
-    compute). compile (`train.compile`):
-    torch.compile the layer's two halves and the draft head, fusing the norms, RoPE,
-    SiLU and the soft cross-entropy's elementwise work.
+    always, never, or auto (on CUDA: the head once its kept activations would take
+    more than HEAD_MEMORY_SHARE of the card, the layer from RECOMPUTE_LAYER_TOKENS
+    positions of the micro-batch on; each costs compute). compile (`train.compile`):
+    torch.compile the layer's two halves, the draft head and the attention merge,
+    fusing the norms, RoPE, SiLU, the soft cross-entropy's and the merge's elementwise
+    work.
     """
 
     def __init__(self, draft: Eagle3Draft, recompute: str = "auto", compile: bool = False):
@@ -67,23 +95,40 @@ class DraftLoss(nn.Module):
         # compiled callables held here, so the draft itself stays as built
         self.head = torch.compile(head_terms) if compile else head_terms
         self.layer = None
+        self.merge = compiled_merge() if compile else EAGER_MERGE
         if compile:
             self.layer = (torch.compile(draft.midlayer.qkv), torch.compile(draft.midlayer.finish))
 
     def recomputes(self, inputs) -> tuple[bool, bool]:
         """(head, layer): what backward recomputes for this micro-batch (auto: by the
-        rows the head runs on, and by all the positions the layer runs on)."""
+        memory the head's rows would keep, and by all the positions the layer runs on)."""
         if self.recompute == "auto":
-            if not inputs.batch.input_ids.is_cuda:
+            ids = inputs.batch.input_ids
+            if not ids.is_cuda:
                 return False, False
-            return (inputs.rows.draft[0].numel() >= RECOMPUTE_HEAD_TOKENS,
-                    inputs.batch.input_ids.numel() >= RECOMPUTE_LAYER_TOKENS)
+            head_bytes = (sum(r.numel() for r in inputs.rows.draft) * self.draft.cfg.draft_vocab_size
+                          * HEAD_BYTES_PER_LOGIT)
+            return head_bytes > HEAD_MEMORY_SHARE * _card_bytes(ids.device), ids.numel() >= RECOMPUTE_LAYER_TOKENS
         return (self.recompute == "always",) * 2
 
     def forward(self, inputs, decay: float, denominators: list[float]):
         head, layer = self.recomputes(inputs)
         return chunked_ttt_loss(self.draft, inputs, decay, denominators, recompute=head, recompute_layer=layer,
-                                head=self.head, layer=self.layer)
+                                head=self.head, layer=self.layer, merge=self.merge)
+
+
+def loss_module(draft: Eagle3Draft, recompute: str = "auto", compile: bool = False) -> tuple[DraftLoss, bool]:
+    """(module, sharded): the loss module a run calls for `draft` (already on its
+    device), and whether it is FSDP2's. On CUDA the draft goes through FSDP2 over all
+    ranks, or over a one-rank group of its own in a single process (see the module
+    docstring); on CPU it is a plain `DraftLoss`, and a multi-process CPU run
+    all-reduces gradients itself."""
+    device = next(draft.parameters()).device
+    if device.type != "cuda":
+        return DraftLoss(draft, recompute, compile), False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    return apply_fsdp2(draft, recompute=recompute, compile=compile), True
 
 
 def apply_fsdp2(draft: Eagle3Draft, param_dtype: torch.dtype = torch.bfloat16, recompute: str = "auto",
@@ -152,7 +197,7 @@ def load_sharded_checkpoint(ckpt: Path, module: DraftLoss, optimizer, scheduler)
     meta = read_meta(ckpt)
     if meta.get("layout") != LAYOUT:
         raise ValueError(f"{ckpt}: not a sharded checkpoint (meta.json layout {meta.get('layout')!r}, "
-                         f"expected {LAYOUT!r}); it was written by a single-process or CPU run")
+                         f"expected {LAYOUT!r}); it was written by a CPU run: resume it on CPU")
     rng_file = ckpt / f"rng.rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{ckpt}: no {rng_file.name}; it was written by {meta.get('world_size')} ranks, "

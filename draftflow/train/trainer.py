@@ -26,7 +26,8 @@ from draftflow.train.chunked_loss import loss_inputs
 from draftflow.train.loss import Teacher
 from draftflow.train.metrics import MetricsLogger, truncate_after
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
-from draftflow.train.parallelize import DraftLoss, apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
+from draftflow.train.parallelize import (compile_enabled, load_sharded_checkpoint, loss_module,
+                                         save_sharded_checkpoint)
 from draftflow.train.vocab import vocab_maps
 
 log = logging.getLogger("draftflow.train")
@@ -142,12 +143,11 @@ class Trainer:
         self.output_dir = Path(self.tc.output_dir)
         self.meta = {"draft_config": model_cfg.to_dict(), "draft_ids": draft_ids, **(extra_meta or {})}
         self.draft = build_draft(model_cfg, head, draft_ids, self.tc.seed).to(dist.device)
-        self.teacher = Teacher(head.lm_head_weight, torch.tensor(draft_ids)).to(dist.device)
-        # FSDP2 on multi-GPU runs; CPU/gloo keeps the replicated draft and the manual
-        # gradient all-reduce (bit-exact with single-process runs).
-        self.fsdp = dist.world_size > 1 and dist.device.type == "cuda"
-        options = {"recompute": self.tc.recompute, "compile": self.tc.compile}
-        self.loss_fn = apply_fsdp2(self.draft, **options) if self.fsdp else DraftLoss(self.draft, **options)
+        compile = compile_enabled(self.tc.compile, dist.device)
+        self.teacher = Teacher(head.lm_head_weight, torch.tensor(draft_ids), compile).to(dist.device)
+        # FSDP2 on CUDA, one GPU included; CPU (gloo) keeps the replicated draft and the
+        # manual gradient all-reduce (bit-exact with single-process runs).
+        self.loss_fn, self.fsdp = loss_module(self.draft, self.tc.recompute, compile)
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, weight_decay=self.tc.weight_decay,
                                            fused=dist.device.type == "cuda")  # one kernel for all parameters

@@ -21,6 +21,10 @@ uses to merge blocks); the diagonal part is a few [B, nh, T, hd] products.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 
@@ -104,49 +108,99 @@ KERNELS = {
 }
 
 
+# ---- the merge ----------------------------------------------------------------------
+# Pure tensor functions, so that `train.compile` can fuse each into a few kernels (eager,
+# every fp32 product and conversion over [B, nh, T, hd] is a kernel of its own: ~150 per
+# optimizer step for 7 unroll steps). keys/values here are the diagonal ones (steps 1..k).
+
+def merge_forward(out0, lse0, q, keys, values, scale):
+    """(out, w): the merged output in q's dtype and the weights w [B, nh, T, 1 + k]
+    (float32) of the prefix and of each diagonal key."""
+    # log-weights: the whole prefix as one term, then each diagonal key
+    logw = torch.cat([_acc(lse0[..., None])] + [_acc((q * k).sum(-1, keepdim=True)) * scale for k in keys], dim=-1)
+    w = torch.softmax(logw, dim=-1)  # exp(logw - m) / sum, computed stably
+    out = _acc(out0) * w[..., :1]
+    for j, v in enumerate(values):
+        out = out + w[..., 1 + j : 2 + j] * _acc(v)
+    return out.to(q.dtype), w
+
+
+def merge_backward(dout, out, w, q, keys, values, scale):
+    """(dout0, dq, dkeys, dvalues): dout0 (q's dtype) is what the prefix kernel's backward
+    takes as its output gradient; dq (float32) is the diagonal terms' part of q's
+    gradient; dkeys and dvalues those of the diagonal keys and values."""
+    dout_f, out_f = _acc(dout), _acc(out)
+    # Prefix: softmax over the union of keys restricted to the prefix is w0 * P0, and the
+    # kernel's backward with (out=merged, dout=w0*dout) yields w0 * P0 (dout.v - rowsum(dout*out)).
+    dout0 = (dout_f * w[..., :1]).to(q.dtype)
+    delta = (dout_f * out_f).sum(-1, keepdim=True)
+    dq = torch.zeros_like(dout_f)
+    dkeys, dvalues = [], []
+    for j, (k, v) in enumerate(zip(keys, values)):
+        wj = w[..., 1 + j : 2 + j]
+        ds = wj * ((dout_f * _acc(v)).sum(-1, keepdim=True) - delta) * scale  # [B, nh, T, 1]
+        dq = dq + ds * _acc(k)
+        dkeys.append((ds * _acc(q)).to(q.dtype))
+        dvalues.append((wj * dout_f).to(q.dtype))
+    return dout0, dq, dkeys, dvalues
+
+
+def add_dq(dq_prefix, dq_diag):
+    """q's whole gradient: the kernel's part plus the diagonal terms', summed in float32."""
+    return (_acc(dq_prefix) + dq_diag).to(dq_prefix.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """The merge's three functions, eager or compiled (`compiled_merge`)."""
+
+    forward: Callable = merge_forward
+    backward: Callable = merge_backward
+    add_dq: Callable = add_dq
+
+
+EAGER_MERGE = Merge()
+
+
+@functools.cache
+def compiled_merge() -> Merge:
+    """The merge under torch.compile, one fused graph per unroll step and direction.
+    dynamic=True: sequence lengths vary from batch to batch, and each of the up to
+    ttt_length - 1 diagonal-key counts already takes a graph of its own."""
+    return Merge(*(torch.compile(f, dynamic=True) for f in (merge_forward, merge_backward, add_dq)))
+
+
 class _MergedTTTAttention(torch.autograd.Function):
     """Causal prefix via a fused kernel, merged exactly with the diagonal terms."""
 
     @staticmethod
-    def forward(ctx, kernel: str, scale: float, q, *kv):
+    def forward(ctx, kernel: str, scale: float, merge: Merge, q, *kv):
         n = len(kv) // 2
         keys, values = kv[:n], kv[n:]
         fwd, _ = KERNELS[kernel]
         q, k0, v0 = q.contiguous(), keys[0].contiguous(), values[0].contiguous()
         out0, lse0, state = fwd(q, k0, v0, scale)
-        # log-weights [B, nh, T, 1 + k]: the whole prefix as one term, then each diagonal key
-        logw = torch.cat([_acc(lse0[..., None])] + [_acc((q * k).sum(-1, keepdim=True)) * scale
-                                                    for k in keys[1:]], dim=-1)
-        w = torch.softmax(logw, dim=-1)  # exp(logw - m) / sum, computed stably
-        out = _acc(out0) * w[..., :1]
-        for j, v in enumerate(values[1:]):
-            out = out + w[..., 1 + j : 2 + j] * _acc(v)
-        out = out.to(q.dtype)
-        ctx.kernel, ctx.scale, ctx.n, ctx.state = kernel, scale, n, state
-        ctx.save_for_backward(q, lse0, w, out, *keys, *values)
+        ctx.kernel, ctx.scale, ctx.n, ctx.state, ctx.merge = kernel, scale, n, state, merge
+        if n == 1:  # step 0: the prefix alone, nothing to merge
+            ctx.save_for_backward(q, lse0, out0, k0, v0)
+            return out0
+        out, w = merge.forward(out0, lse0, q, keys[1:], values[1:], scale)
+        ctx.save_for_backward(q, lse0, out, *keys, *values, w)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, lse0, w, out, *kv = ctx.saved_tensors
-        n, scale = ctx.n, ctx.scale
-        keys, values = kv[:n], kv[n:]
+        q, lse0, out, *kv = ctx.saved_tensors
+        n, scale, merge = ctx.n, ctx.scale, ctx.merge
         _, bwd = KERNELS[ctx.kernel]
-        dout_f, out_f = _acc(dout), _acc(out)
-        # Prefix: softmax over the union of keys restricted to the prefix is w0 * P0, and the
-        # kernel's backward with (out=merged, dout=w0*dout) yields w0 * P0 (dout.v - rowsum(dout*out)).
-        dq, dk0, dv0 = bwd((dout_f * w[..., :1]).to(q.dtype), q, keys[0].contiguous(), values[0].contiguous(),
-                           out, lse0, ctx.state, scale)
-        dq = _acc(dq)
-        delta = (dout_f * out_f).sum(-1, keepdim=True)
-        dkeys, dvalues = [dk0], [dv0]
-        for j in range(1, n):
-            wj = w[..., j : j + 1]
-            ds = wj * ((dout_f * _acc(values[j])).sum(-1, keepdim=True) - delta) * scale  # [B, nh, T, 1]
-            dq = dq + ds * _acc(keys[j])
-            dkeys.append((ds * _acc(q)).to(q.dtype))
-            dvalues.append((wj * dout_f).to(q.dtype))
-        return (None, None, dq.to(q.dtype), *dkeys, *dvalues)
+        if n == 1:
+            dq, dk0, dv0 = bwd(dout.to(q.dtype), q, kv[0], kv[1], out, lse0, ctx.state, scale)
+            return (None, None, None, dq, dk0, dv0)
+        *kv, w = kv
+        keys, values = kv[:n], kv[n:]
+        dout0, dq_diag, dkeys, dvalues = merge.backward(dout, out, w, q, keys[1:], values[1:], scale)
+        dq, dk0, dv0 = bwd(dout0, q, keys[0].contiguous(), values[0].contiguous(), out, lse0, ctx.state, scale)
+        return (None, None, None, merge.add_dq(dq, dq_diag), dk0, *dkeys, dv0, *dvalues)
 
 
 def pick_kernel(q: torch.Tensor) -> str | None:
@@ -157,12 +211,14 @@ def pick_kernel(q: torch.Tensor) -> str | None:
     return None
 
 
-def ttt_attention(q: torch.Tensor, keys: list, values: list, scale: float, kernel: str | None = "auto"):
+def ttt_attention(q: torch.Tensor, keys: list, values: list, scale: float, kernel: str | None = "auto",
+                  merge: Merge = EAGER_MERGE):
     """TTT attention of unroll step len(keys) - 1, before o_proj.
 
     q, keys[j], values[j]: [B, nh, T, hd] (kv heads already repeated). kernel
     "auto" picks flash attention on CUDA in half precision and the reference math
-    elsewhere; tests name "math" or "flash_cpu" to run the merge on CPU.
+    elsewhere; tests name "math" or "flash_cpu" to run the merge on CPU. merge: the
+    merge's functions, eager or `compiled_merge()` (`train.compile`).
     """
     if kernel == "auto":
         kernel = pick_kernel(q)
@@ -170,4 +226,4 @@ def ttt_attention(q: torch.Tensor, keys: list, values: list, scale: float, kerne
         return reference_ttt_attention(q, keys, values, scale)
     if kernel not in KERNELS:
         raise ValueError(f"ttt_attention: kernel {kernel!r} unknown; expected one of {sorted(KERNELS)} or 'auto'")
-    return _MergedTTTAttention.apply(kernel, scale, q, *keys, *values)
+    return _MergedTTTAttention.apply(kernel, scale, merge, q, *keys, *values)
