@@ -233,6 +233,9 @@ def summarize_run(run_dir: Path, tokens_of: dict[str, int], warmup: int) -> dict
             "tokens_per_s_median": statistics.median(m["tokens_per_s"] for m in steps[steady]),
             "data_wait_share_all": sum(wait_s) / sum(step_s),
             "data_wait_share_steady": sum(wait_s[steady]) / sum(step_s[steady]),
+            # all but the first step: the pipeline's fill (a consumer started with its
+            # producer waits for the first sample once, however long the run)
+            "data_wait_share_after_first": sum(wait_s[1:]) / max(sum(step_s[1:]), 1e-9),
             "first_step_s": step_s[0], "first_step_wait_s": wait_s[0], "max_wait_s_steady": max(wait_s[steady]),
             "final_loss": steps[-1]["loss"]}
 
@@ -294,6 +297,8 @@ def run(args, result: dict) -> dict:
         result.update(steps=steps, warmup=warmup, samples=num, data=data_report(plan),
                       disk=disk_rates(work, per_sample, 8 if not small else 3))
         env = {**os.environ, "DRAFTFLOW_SECRET": secrets.token_hex(32), "PYTHONUNBUFFERED": "1"}
+        if small and "OMP_NUM_THREADS" not in env:  # CPU: producer and consumer split the cores
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
         reference = _launch([sys.executable, __file__, "--reference-config", str(cfg_path),
                              f"train.output_dir={work / 'reference-run'}"],
                             work / "reference.log", env, gpus[1], stdin=subprocess.PIPE)
@@ -320,10 +325,13 @@ def run(args, result: dict) -> dict:
 
 def compare(consumer: dict, reference: dict) -> dict:
     ratio = consumer["median_step_s"] / reference["median_step_s"]
-    wait = consumer["data_wait_share_all"]
-    return {"step_ratio": ratio, "data_wait_share": wait,
+    wait, after_first = consumer["data_wait_share_all"], consumer["data_wait_share_after_first"]
+    limit = TARGETS["data_wait_share"]
+    return {"step_ratio": ratio, "data_wait_share": wait, "data_wait_share_after_first": after_first,
             "targets": {f"consumer step <= {TARGETS['step_ratio']:.2f}x reference": ratio <= TARGETS["step_ratio"],
-                        f"data wait (all steps) < {TARGETS['data_wait_share']:.0%}": wait < TARGETS["data_wait_share"]}}
+                        f"data wait (all steps) < {limit:.0%}": wait < limit,
+                        f"data wait (after the first step's {consumer['first_step_wait_s']:.2f} s) < {limit:.0%}":
+                            after_first < limit}}
 
 
 def print_table(r: dict) -> None:

@@ -151,6 +151,9 @@ def test_disagg_summary_derives_step_time_and_data_wait_from_trainer_metrics(tmp
     assert math.isclose(got["first_step_wait_s"], 0.5)
     assert math.isclose(got["data_wait_share_all"], (0.5 + 0.01 + 0.01) / (1.0 + 0.2 + 0.2 + 0.4))
     assert math.isclose(got["data_wait_share_steady"], 0.02 / 0.8)
+    assert math.isclose(got["data_wait_share_after_first"], 0.02 / 0.8)  # warm-up 1: the same steps here
+    verdict = bench_scripts.compare(got, {**got, "median_step_s": 0.2 / 1.02})["targets"]
+    assert list(verdict.values()) == [True, False, False]  # 1.02x; 28.9% and 2.5% of wait
 
 
 def test_disagg_timeline_counts_producer_rate_and_overlapping_steps(bench_scripts):

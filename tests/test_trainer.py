@@ -296,3 +296,21 @@ def test_a_batch_shorter_than_the_unroll_trains_nothing_but_reaches_every_parame
         assert (float(loss) == 0.0) == (mask == 0) and torch.isfinite(loss)
         assert all(p.grad is not None for p in draft.parameters() if p.requires_grad)
 
+
+def test_cuda_runs_size_the_host_thread_pool_unless_omp_num_threads_is_set(monkeypatch):
+    """A GPU process keeps CUDA_HOST_THREADS intra-op threads (a producer and a consumer
+    on one host must not oversubscribe its cores); OMP_NUM_THREADS wins; CPU runs keep
+    the pool they have."""
+    from draftflow.train.distributed import CUDA_HOST_THREADS, limit_host_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(CUDA_HOST_THREADS + 2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert limit_host_threads(torch.device("cpu")) == CUDA_HOST_THREADS + 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "6")
+        assert limit_host_threads(torch.device("cuda", 0)) == CUDA_HOST_THREADS + 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert limit_host_threads(torch.device("cuda", 0)) == CUDA_HOST_THREADS == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
