@@ -7,7 +7,10 @@ GPU 0, sharing only a folder (`features.backend: shared_dir`) and the run secret
 hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256;
 `capture.dtype` bf16); data: synthetic `messages` conversations, each cut to exactly
 `data.max_length` = 2048 tokens by the builtin byte tokenizer; the consumer trains
-the 8B-shaped draft at batch 1 with the default recipe (TTT 7, draft vocab 32000).
+the 8B-shaped draft at batch 1 with the default recipe (TTT 7, draft vocab 32000),
+eager unless `--compile`: compiling took the consumer's first step to 62 s on 2x H200,
+longer than the producer's whole 42 s capture of 640 samples, so no step overlapped
+capture (more samples do not fit a 128 GB disk at 64 MiB each).
 
 Then the reference, on GPU 1 alone once both have exited: the colocated run's
 training half (`roles.train_from_refs` over a `local` store and a `ListRefSource`, as
@@ -291,10 +294,11 @@ def run(args, result: dict) -> dict:
             features={"release": "consume_once" if args.mode == "stream" else "retain", "wait_timeout_s": timeout_s,
                       "max_inflight_bytes": 1 << 40},
             train={"max_steps": steps, "batch_size": 1, "log_every": 1, "save_every": 0,
-                   "output_dir": str(work / "consumer-run"), "device": size["device"]})
+                   "output_dir": str(work / "consumer-run"), "device": size["device"],
+                   "compile": {"true": True, "false": False}.get(args.compile, args.compile)})
         plan = plan_data(cfg, cfg.target.random["vocab_size"])
         tokens_of = {s.sample_id: s.num_tokens for s in plan.prepared.train}
-        result.update(steps=steps, warmup=warmup, samples=num, data=data_report(plan),
+        result.update(steps=steps, warmup=warmup, samples=num, compile=args.compile, data=data_report(plan),
                       disk=disk_rates(work, per_sample, 8 if not small else 3))
         env = {**os.environ, "DRAFTFLOW_SECRET": secrets.token_hex(32), "PYTHONUNBUFFERED": "1"}
         if small and "OMP_NUM_THREADS" not in env:  # CPU: producer and consumer split the cores
@@ -373,6 +377,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=None,
                     help="conversations the producer may capture (stream 640, small 400; retain: --steps)")
     ap.add_argument("--gpus", default="0,1", help="producer GPU, consumer (and reference) GPU")
+    ap.add_argument("--compile", default="false", choices=("auto", "true", "false"),
+                    help="train.compile of consumer and reference (default false: a compiling consumer's "
+                         "first step outlasts the whole capture of a data set this size, so nothing overlaps)")
     ap.add_argument("--timeout-s", type=float, default=None, help="limit for the pair, and for the reference")
     ap.add_argument("--work", default=tempfile.gettempdir(), help="folder for the shared store and the runs")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (features, runs, logs)")
