@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from draftflow.train.batches import collate
 from draftflow.train.chunked_loss import loss_inputs
-from draftflow.train.distributed import all_reduce_sum, init_distributed, shutdown
+from draftflow.train.distributed import all_reduce_grads, all_reduce_sum, init_distributed, shutdown
 from draftflow.train.loss import Teacher
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallelize import compile_enabled, loss_module
@@ -95,6 +96,8 @@ def train_step(module, draft, teacher, batch, optimizer, params, autocast: bool)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         loss, _ = module(inputs, 0.8, counts)
     loss.backward()
+    if not isinstance(module, FSDPModule):  # as the trainer: CPU ranks sum gradients themselves
+        all_reduce_grads(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

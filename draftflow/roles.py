@@ -39,7 +39,7 @@ from draftflow.stores import build_store
 from draftflow.stores.shared_dir import resolve_release
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import ListRefSource, RefSource
-from draftflow.train.distributed import barrier, init_distributed, limit_host_threads
+from draftflow.train.distributed import barrier, host_threads, init_distributed
 from draftflow.train.trainer import TargetHead, Trainer, build_draft_config
 from draftflow.train.vocab import build_draft_vocab
 
@@ -114,9 +114,9 @@ def feature_dtype(cfg: Config) -> torch.dtype:
 
 def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: list[int]):
     """Capture every training sample into `store` (skipping published ones)."""
-    limit_host_threads(next(target.model.parameters()).device)
-    return capture_features(target, aux_ids, plan.prepared.train, store, cfg.capture,
-                            feature_dtype=feature_dtype(cfg), progress=cfg.train.progress)
+    with host_threads(next(target.model.parameters()).device):
+        return capture_features(target, aux_ids, plan.prepared.train, store, cfg.capture,
+                                feature_dtype=feature_dtype(cfg), progress=cfg.train.progress)
 
 
 def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store, source: RefSource,

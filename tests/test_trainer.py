@@ -297,20 +297,24 @@ def test_a_batch_shorter_than_the_unroll_trains_nothing_but_reaches_every_parame
         assert all(p.grad is not None for p in draft.parameters() if p.requires_grad)
 
 
-def test_cuda_runs_size_the_host_thread_pool_unless_omp_num_threads_is_set(monkeypatch):
-    """A GPU process keeps CUDA_HOST_THREADS intra-op threads (a producer and a consumer
-    on one host must not oversubscribe its cores); OMP_NUM_THREADS wins; CPU runs keep
-    the pool they have."""
-    from draftflow.train.distributed import CUDA_HOST_THREADS, limit_host_threads
+def test_cuda_work_sizes_the_host_thread_pool_unless_omp_num_threads_is_set(monkeypatch):
+    """CUDA work keeps CUDA_HOST_THREADS intra-op threads (a producer and a consumer on
+    one host must not oversubscribe its cores); OMP_NUM_THREADS wins; CPU work keeps the
+    pool it has; the previous size comes back on exit."""
+    from draftflow.train.distributed import CUDA_HOST_THREADS, host_threads
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(CUDA_HOST_THREADS + 2)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert limit_host_threads(torch.device("cpu")) == CUDA_HOST_THREADS + 2
+        with host_threads(torch.device("cpu")) as n:
+            assert n == CUDA_HOST_THREADS + 2
         monkeypatch.setenv("OMP_NUM_THREADS", "6")
-        assert limit_host_threads(torch.device("cuda", 0)) == CUDA_HOST_THREADS + 2
+        with host_threads(torch.device("cuda", 0)) as n:
+            assert n == CUDA_HOST_THREADS + 2
         monkeypatch.delenv("OMP_NUM_THREADS")
-        assert limit_host_threads(torch.device("cuda", 0)) == CUDA_HOST_THREADS == torch.get_num_threads()
+        with host_threads(torch.device("cuda", 0)) as n:
+            assert n == CUDA_HOST_THREADS == torch.get_num_threads()
+        assert torch.get_num_threads() == CUDA_HOST_THREADS + 2
     finally:
         torch.set_num_threads(before)

@@ -6,6 +6,7 @@ Works the same under plain `python` (one process, no process group) and under
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -40,24 +41,30 @@ def init_distributed(device_pref: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-# Intra-op threads of a process whose compute runs on a GPU (see limit_host_threads).
+# Intra-op threads while the compute runs on a GPU (see host_threads).
 CUDA_HOST_THREADS = 4
 
 
-def limit_host_threads(device: torch.device) -> int:
-    """Size torch's intra-op thread pool for work on `device`; returns the size.
+@contextlib.contextmanager
+def host_threads(device: torch.device):
+    """Size torch's intra-op thread pool for work on `device` while inside; the previous
+    size comes back on exit (a colocated run may capture on a GPU, then train on CPU).
 
     On CUDA the host only reads and writes files, hashes and copies batches, yet a lone
     process's pool has a thread per core; a producer and a consumer on one host then
     keep twice as many threads busy as there are cores, and the thread that launches
     the kernels waits for one (measured: a consumer's step 1.2-1.35x the same step run
-    alone). CUDA runs therefore use CUDA_HOST_THREADS, unless OMP_NUM_THREADS says
-    otherwise. CPU runs keep every core: there the pool does the compute (several
+    alone). CUDA work therefore uses CUDA_HOST_THREADS, unless OMP_NUM_THREADS says
+    otherwise. CPU work keeps every core: there the pool does the compute (several
     processes on one CPU host need OMP_NUM_THREADS each, see docs/disaggregated.md).
     """
+    previous = torch.get_num_threads()
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(torch.get_num_threads(), CUDA_HOST_THREADS))
-    return torch.get_num_threads()
+        torch.set_num_threads(min(previous, CUDA_HOST_THREADS))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

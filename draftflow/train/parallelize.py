@@ -55,10 +55,12 @@ def compile_enabled(value, device: torch.device) -> bool:
     if value == "auto":
         return device.type == "cuda"
     raise ValueError(f"train.compile: {value!r}, expected true, false or auto")
+
+
 # `auto` on CUDA. The draft head keeps, for backward, about HEAD_BYTES_PER_LOGIT bytes per
 # row and draft-vocab entry (a bf16 logit and a float32 log-prob; 5.8 measured with
-# train.compile on an H200, 8 for the eager head's extra copies): 9.7 GiB at 8192 rows x 7
-# steps for a 32k draft vocab. It is kept while that takes at most HEAD_MEMORY_SHARE of
+# train.compile on an H200: 9.7 GiB more at 8192 rows x 7 steps for a 32k draft vocab; 8
+# for the eager head's extra copies). It is kept while that takes at most HEAD_MEMORY_SHARE of
 # the card and recomputed per chunk beyond, which costs the head's forward again (about
 # 10% of a step). The decoder layer's activations (about 2 GiB per 2048 positions over 7
 # steps for an 8B-shaped draft) are recomputed from RECOMPUTE_LAYER_TOKENS positions of
@@ -117,13 +119,15 @@ class DraftLoss(nn.Module):
                                 head=self.head, layer=self.layer, merge=self.merge)
 
 
-def loss_module(draft: Eagle3Draft, recompute: str = "auto", compile: bool = False) -> tuple[DraftLoss, bool]:
+def loss_module(draft: Eagle3Draft, recompute: str = "auto", compile: bool | str = False,
+                ) -> tuple[DraftLoss, bool]:
     """(module, sharded): the loss module a run calls for `draft` (already on its
     device), and whether it is FSDP2's. On CUDA the draft goes through FSDP2 over all
     ranks, or over a one-rank group of its own in a single process (see the module
     docstring); on CPU it is a plain `DraftLoss`, and a multi-process CPU run
     all-reduces gradients itself."""
     device = next(draft.parameters()).device
+    compile = compile_enabled(compile, device)
     if device.type != "cuda":
         return DraftLoss(draft, recompute, compile), False
     if not dist.is_initialized():
@@ -197,7 +201,9 @@ def load_sharded_checkpoint(ckpt: Path, module: DraftLoss, optimizer, scheduler)
     meta = read_meta(ckpt)
     if meta.get("layout") != LAYOUT:
         raise ValueError(f"{ckpt}: not a sharded checkpoint (meta.json layout {meta.get('layout')!r}, "
-                         f"expected {LAYOUT!r}); it was written by a CPU run: resume it on CPU")
+                         f"expected {LAYOUT!r}); it was written by a CPU run (resume it on CPU) or by a one-GPU "
+                         "run of a DraftFlow that did not yet train one GPU through FSDP2 (start a new "
+                         "train.output_dir)")
     rng_file = ckpt / f"rng.rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{ckpt}: no {rng_file.name}; it was written by {meta.get('world_size')} ranks, "

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from draftflow.config import Config
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder, TrainBatch
-from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, limit_host_threads
+from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, host_threads
 from draftflow.train.chunked_loss import loss_inputs
 from draftflow.train.loss import Teacher
 from draftflow.train.metrics import MetricsLogger, truncate_after
@@ -255,7 +255,10 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> Path | None:
         """Train to train.max_steps (or stop early after `stop_after` steps, for tests
         of interruption); returns the last checkpoint folder on rank 0."""
-        limit_host_threads(self.dist.device)
+        with host_threads(self.dist.device):
+            return self._fit(stop_after)
+
+    def _fit(self, stop_after: int | None) -> Path | None:
         start = self.resume_step()
         truncate_after(self._samples_log(), start)  # steps after the checkpoint are redone
         end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)

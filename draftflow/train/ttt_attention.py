@@ -160,13 +160,19 @@ class Merge:
 
 
 EAGER_MERGE = Merge()
+MAX_COMPILED_MERGE_STEPS = 32  # unroll steps the compiled merge keeps compiled
 
 
 @functools.cache
 def compiled_merge() -> Merge:
     """The merge under torch.compile, one fused graph per unroll step and direction.
     dynamic=True: sequence lengths vary from batch to batch, and each of the up to
-    ttt_length - 1 diagonal-key counts already takes a graph of its own."""
+    ttt_length - 1 diagonal-key counts already takes a graph of its own; torch's limit
+    of graphs per function (8 by default) is raised so that a long unroll (ttt_length
+    10 and more) does not fall back to eager for its last steps."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MAX_COMPILED_MERGE_STEPS)
     return Merge(*(torch.compile(f, dynamic=True) for f in (merge_forward, merge_backward, add_dq)))
 
 
