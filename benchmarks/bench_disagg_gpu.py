@@ -79,7 +79,7 @@ import torch
 
 from bench_capture_gpu import (SIZES, TARGET_8B, TARGET_SMALL, bench_config, disk_line, disk_rates, machine_info,
                                run_and_save, sample_bytes)
-from draftflow.config import load_config
+from draftflow.config import COMPILE_CHOICES, compile_option, load_config
 from draftflow.control.manifest import JOURNAL_FILE
 from draftflow.roles import control_dir, plan_data
 from draftflow.train.metrics import read_metrics
@@ -295,7 +295,7 @@ def run(args, result: dict) -> dict:
                       "max_inflight_bytes": 1 << 40},
             train={"max_steps": steps, "batch_size": 1, "log_every": 1, "save_every": 0,
                    "output_dir": str(work / "consumer-run"), "device": size["device"],
-                   "compile": {"true": True, "false": False}.get(args.compile, args.compile)})
+                   "compile": compile_option(args.compile)})
         plan = plan_data(cfg, cfg.target.random["vocab_size"])
         tokens_of = {s.sample_id: s.num_tokens for s in plan.prepared.train}
         result.update(steps=steps, warmup=warmup, samples=num, compile=args.compile, data=data_report(plan),
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=None,
                     help="conversations the producer may capture (stream 640, small 400; retain: --steps)")
     ap.add_argument("--gpus", default="0,1", help="producer GPU, consumer (and reference) GPU")
-    ap.add_argument("--compile", default="false", choices=("auto", "true", "false"),
+    ap.add_argument("--compile", default="false", choices=COMPILE_CHOICES,
                     help="train.compile of consumer and reference (default false: a compiling consumer's "
                          "first step outlasts the whole capture of a data set this size, so nothing overlaps)")
     ap.add_argument("--timeout-s", type=float, default=None, help="limit for the pair, and for the reference")

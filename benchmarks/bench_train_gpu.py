@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from draftflow.config import COMPILE_CHOICES, compile_option
 from draftflow.train.batches import collate
 from draftflow.train.chunked_loss import loss_inputs
 from draftflow.train.distributed import all_reduce_grads, all_reduce_sum, init_distributed, shutdown
@@ -185,14 +186,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
     ap.add_argument("--recompute", default="auto", help="train.recompute: auto | always | never")
-    ap.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+    ap.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                     help="train.compile (auto, the default: on CUDA)")
     ap.add_argument("--profile", action="store_true", help="also profile 2 steps per seq: device time by kernel")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     info = init_distributed("cpu" if args.small else "auto")
     device = info.device
-    compile = compile_enabled({"true": True, "false": False}.get(args.compile, args.compile), device)
+    compile = compile_enabled(compile_option(args.compile), device)
     cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device, compile)
     options = {"recompute": args.recompute, "compile": compile}
     module, fsdp = loss_module(draft, **options)  # as the trainer: FSDP2 on CUDA, one GPU included

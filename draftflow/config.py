@@ -111,6 +111,15 @@ class DraftConfig:
     max_position_embeddings: int | None = None
 
 
+RECOMPUTE_MODES = ("auto", "always", "never")  # train.recompute
+COMPILE_CHOICES = ("auto", "true", "false")  # train.compile, as command-line text
+
+
+def compile_option(text: str) -> bool | str:
+    """A train.compile value from command-line text (one of COMPILE_CHOICES)."""
+    return {"true": True, "false": False}.get(text, text)
+
+
 @dataclass(**RECORD)
 class TrainConfig:
     output_dir: str = "./runs/draft"
@@ -134,8 +143,8 @@ class TrainConfig:
 
     def __post_init__(self):
         # named at load time, before a colocated run spends its capture
-        if self.recompute not in ("auto", "always", "never"):
-            raise ValueError(f"train.recompute: {self.recompute!r}, expected one of auto, always, never")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"train.recompute: {self.recompute!r}, expected one of {', '.join(RECOMPUTE_MODES)}")
         if isinstance(self.compile, str) and self.compile != "auto":
             raise ValueError(f"train.compile: {self.compile!r}, expected true, false or auto")
 

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from draftflow.config import RECOMPUTE_MODES
 from draftflow.train.checkpoint import (CHECKPOINT_VERSION, EXCLUDED, publish, read_meta, rng_state,
                                         set_rng_state)
 from draftflow.train.chunked_loss import chunked_ttt_loss, head_terms
@@ -42,9 +43,6 @@ from draftflow.train.model import Eagle3Draft
 from draftflow.train.ttt_attention import EAGER_MERGE, compiled_merge
 
 LAYOUT = "dcp"
-
-
-RECOMPUTE_MODES = ("auto", "always", "never")
 
 
 def compile_enabled(value, device: torch.device) -> bool:
