@@ -132,16 +132,16 @@ class ClaimBook:
 
     def done(self, sample_id: str) -> None:
         """Mark a held sample trained: link its claim to `done/`, then drop the claim files."""
-        with self._lock:
+        with self._lock:  # only the bookkeeping: the loader's claims need not wait for the file work
             gen = self._held.pop(sample_id, None)
-            if gen is None:
-                raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")
-            path, marker = self._path(sample_id, gen), self.done_dir / sample_id
-            try:
-                os.link(path, marker)
-            except FileExistsError:
-                pass  # a stealer finished it first; it is done either way
-            except FileNotFoundError:
-                marker.write_text(json.dumps({"owner": self.owner, "sample_id": sample_id, "gen": gen}))
-            for g in range(gen + 1):
-                self._path(sample_id, g).unlink(missing_ok=True)
+        if gen is None:
+            raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")
+        path, marker = self._path(sample_id, gen), self.done_dir / sample_id
+        try:
+            os.link(path, marker)
+        except FileExistsError:
+            pass  # a stealer finished it first; it is done either way
+        except FileNotFoundError:
+            marker.write_text(json.dumps({"owner": self.owner, "sample_id": sample_id, "gen": gen}))
+        for g in range(gen + 1):
+            self._path(sample_id, g).unlink(missing_ok=True)

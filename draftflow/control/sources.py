@@ -12,6 +12,7 @@ Offline and streaming differ only here (and in the store's release policy):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from draftflow.control.claims import ClaimBook
@@ -62,6 +63,7 @@ class ClaimingRefSource:
         self._skipped: list[SampleRef] = []
         self._handed: dict[str, SampleRef] = {}
         self._last_renew = time.monotonic()
+        self._renew_lock = threading.Lock()
         self.num_tokens = 0
 
     def resolve(self, index: int) -> SampleRef:  # the index is ignored: arrival order
@@ -95,11 +97,15 @@ class ClaimingRefSource:
 
     def _renew_if_due(self) -> None:
         # Heartbeats, a few per claim timeout, so a consumer that keeps training never
-        # looks dead to the others.
-        if time.monotonic() - self._last_renew > self._claims.claim_timeout_s / 4:
-            self._last_renew = time.monotonic()
-            for sample_id in self._claims.renew_all():
-                log.warning("claim on %s was taken over by another consumer", sample_id)
+        # looks dead to the others. Called by the loader and by the bookkeeping thread:
+        # one of them renews.
+        with self._renew_lock:
+            now = time.monotonic()
+            if now - self._last_renew <= self._claims.claim_timeout_s / 4:
+                return
+            self._last_renew = now
+        for sample_id in self._claims.renew_all():
+            log.warning("claim on %s was taken over by another consumer", sample_id)
 
     def _sweep(self) -> SampleRef:
         deadline = time.monotonic() + self._timeout_s

@@ -273,6 +273,7 @@ class Trainer:
         # between steps; one thread does it in order instead.
         # A failure there also goes to the loader, which may be waiting for it (Pending).
         bookkeeping = InOrder("consume-once bookkeeping", on_error=loader.fail)
+        trained = getattr(self.source, "trained", None)  # consume-once sources only
         finished = False
         try:
             t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
@@ -285,7 +286,6 @@ class Trainer:
                 tokens += sum(b.num_tokens for b in batches)
                 self._log_samples(step + 1, batches)
                 record = self.train_step(batches)
-                trained = getattr(self.source, "trained", None)
                 if trained is not None:  # consume-once: free what this step trained, off this thread
                     bookkeeping.submit(trained, [sid for b in batches for sid in b.sample_ids])
                 done = step + 1
