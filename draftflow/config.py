@@ -1,13 +1,15 @@
 """Typed run configuration: YAML files plus dotted overrides -> frozen records.
 
 Parsed once, in the CLI. Later files and `KEY=VALUE` overrides win over earlier
-ones; an unknown key or a value of the wrong type is a `ValueError` naming the
-key's full path (and the file it came from).
+ones; an unknown key, a value of the wrong type or a number outside its allowed
+range (`RANGES`) is a `ValueError` naming the key's full path (and the file it came
+from).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +164,79 @@ class Config:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values a numeric setting allows: finite, >= `low`, > `above`, <= `high`
+    (each bound where set). `note` says what a boundary value means."""
+
+    low: float | None = None
+    above: float | None = None
+    high: float | None = None
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        return ((isinstance(value, int) or math.isfinite(value)) and (self.low is None or value >= self.low)
+                and (self.above is None or value > self.above) and (self.high is None or value <= self.high))
+
+    def text(self, integer: bool) -> str:
+        bounds = [f"{op} {bound}" for op, bound in ((">=", self.low), (">", self.above), ("<=", self.high))
+                  if bound is not None]
+        kind = "an integer" if integer else "a finite number"
+        return f"{kind} {' and '.join(bounds)}" + (f" ({self.note})" if self.note else "")
+
+
+COUNT = Range(low=1)  # counts, sizes and lengths
+SEED = Range(low=0, high=2**32 - 1)
+POSITIVE = Range(above=0)  # timeouts and rates: 0 would mean "give up at once" or "learn nothing"
+
+# Every numeric setting and its allowed values, checked as the config loads (a bad
+# count could otherwise hang the sample order, or fail deep in torch without the key).
+# A key whose type allows None (e.g. data.max_samples) also takes None.
+# tests/test_config.py checks that every int or float field is listed here.
+RANGES: dict[str, Range] = {
+    "target.seed": SEED,
+    "data.max_length": COUNT,
+    "data.max_samples": COUNT,
+    "data.num_heldout": Range(low=0),
+    "data.seed": SEED,
+    "capture.batch_tokens": COUNT,
+    "features.wait_timeout_s": POSITIVE,
+    "features.claim_timeout_s": POSITIVE,
+    "features.max_inflight_bytes": Range(low=0, note="0: one sample in flight at a time"),
+    "features.mooncake.global_segment_size": Range(low=0, note="0: none"),
+    "features.mooncake.buffer_bytes": Range(low=1 << 20),
+    "features.mooncake.chunk_bytes": Range(low=64),  # and a multiple of 64, checked by the store
+    "features.mooncake.segment_bytes": Range(low=16 << 20),  # the segment holder aborts below this
+    "features.mooncake.full_timeout_s": POSITIVE,
+    "draft.vocab_size": COUNT,
+    "draft.ttt_length": COUNT,
+    "draft.loss_decay": Range(above=0, high=1),
+    "draft.hidden_size": COUNT,
+    "draft.intermediate_size": COUNT,
+    "draft.num_attention_heads": COUNT,
+    "draft.num_key_value_heads": COUNT,
+    "draft.max_position_embeddings": COUNT,
+    "train.max_steps": COUNT,
+    "train.seed": SEED,
+    "train.batch_size": COUNT,
+    "train.grad_accum": COUNT,
+    "train.lr": POSITIVE,
+    "train.min_lr_ratio": Range(low=0, high=1),
+    "train.warmup_steps": Range(low=0),
+    "train.weight_decay": Range(low=0),
+    "train.max_grad_norm": POSITIVE,
+    "train.log_every": COUNT,
+    "train.save_every": Range(low=0, note="0: only at the end"),
+    "train.keep_checkpoints": Range(low=0, note="0: keep every checkpoint"),
+}
+
+
+def _check_range(value: Any, key: str) -> None:
+    allowed = RANGES.get(key)
+    if allowed is not None and value is not None and not allowed.holds(value):
+        raise ValueError(f"{key}: {value!r} is out of range; expected {allowed.text(isinstance(value, int))}")
+
+
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Validate (and lightly coerce) one leaf value against its annotation."""
     origin = typing.get_origin(tp)
@@ -229,6 +304,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             kwargs[name] = _build(tp, value if value is not None else {}, key)
         else:
             kwargs[name] = _check_value(value, tp, key)
+            _check_range(kwargs[name], key)
     return cls(**kwargs)
 
 
