@@ -231,6 +231,10 @@ RANGES: dict[str, Range] = {
 }
 
 
+# Keys whose values no message repeats: a path, but people paste the secret itself there.
+UNECHOED = ("features.secret_file",)
+
+
 def _check_range(value: Any, key: str) -> None:
     allowed = RANGES.get(key)
     if allowed is not None and value is not None and not allowed.holds(value):
@@ -302,6 +306,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, key)
+        elif key in UNECHOED:
+            try:
+                kwargs[name] = _check_value(value, tp, key)
+            except ValueError:
+                raise ValueError(f"{key}: expected a file path (the value is not shown: it may be a secret)") from None
         else:
             kwargs[name] = _check_value(value, tp, key)
             _check_range(kwargs[name], key)
@@ -336,6 +345,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
+        if key.strip() in UNECHOED:  # YAML's message quotes the text too
+            raise ValueError(f"override {key.strip()}=...: value is not valid YAML (not shown: it may be a secret)"
+                             ) from None
         raise ValueError(f"override {item!r}: value is not valid YAML ({e})") from None
     return key.strip(), value
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -68,6 +69,7 @@ def test_signature_ignores_key_order_and_detects_changes():
 def test_load_secret_prefers_file_then_environment(tmp_path):
     f = tmp_path / "secret"
     f.write_text("from-file\n")
+    f.chmod(0o600)
     assert load_secret(FeaturesConfig(secret_file=str(f)), {"DRAFTFLOW_SECRET": "env"}) == b"from-file"
     assert load_secret(FeaturesConfig(), {"DRAFTFLOW_SECRET": "env"}) == b"env"
 
@@ -75,15 +77,61 @@ def test_load_secret_prefers_file_then_environment(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     ("none", "no run secret: set features.secret_file or the DRAFTFLOW_SECRET"),
     ("empty", "is empty"),
-    ("missing", "cannot read"),
+    ("missing", "features.secret_file: no such file"),
 ])
 def test_load_secret_refuses_absent_or_empty_secret(tmp_path, setup, message):
     f = tmp_path / "secret"
     if setup == "empty":
         f.write_text("  \n")
+        f.chmod(0o600)
     cfg = FeaturesConfig() if setup == "none" else FeaturesConfig(secret_file=str(f))
     with pytest.raises(ValueError, match=message):
         load_secret(cfg, {})
+
+
+@pytest.mark.parametrize("mode, message", [
+    (0o602, "is writable by others"), (0o620, "is writable by its group"), (0o666, "is writable by others"),
+    (0o604, "is readable by every user of this host"), (0o644, "is readable by every user of this host")])
+def test_secret_file_others_can_change_or_read_is_refused_with_the_fix(tmp_path, mode, message):
+    f = tmp_path / "run.secret"
+    f.write_text("s3cr3t-value\n")
+    f.chmod(mode)
+    with pytest.raises(ValueError) as e:
+        load_secret(FeaturesConfig(secret_file=str(f)), {})
+    assert message in str(e.value) and f"chmod 600 {f}" in str(e.value)
+    assert "s3cr3t-value" not in str(e.value)
+
+
+def test_secret_file_readable_by_its_group_only_is_accepted(tmp_path):
+    f = tmp_path / "run.secret"
+    f.write_text("team-secret\n")
+    f.chmod(0o640)
+    assert load_secret(FeaturesConfig(secret_file=str(f)), {}) == b"team-secret"
+
+
+@pytest.mark.parametrize("command, value", [
+    ("train --role consumer", "0f9a8b7c6d5e4f3a2b1c"), ("store verify", "0f9a8b7c6d5e4f3a2b1c"),
+    ("store verify", "top secret: with [yaml"), ("store verify", "[a, 0f9a8b7c]")])
+def test_a_secret_given_as_secret_file_never_appears_in_a_message(tmp_path, command, value):
+    """People paste the secret itself into features.secret_file: no error may repeat it."""
+    env = {k: v for k, v in os.environ.items() if k != "DRAFTFLOW_SECRET"}
+    proc = subprocess.run([sys.executable, "-m", "draftflow", *command.split(), "-c",
+                           str(REPO / "examples" / "tiny.yaml"), "features.backend=shared_dir",
+                           f"features.root={tmp_path / 'feat'}", f"features.secret_file={value}"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "features.secret_file" in proc.stderr, proc.stderr[-2000:]
+    assert "0f9a8b7c" not in proc.stdout + proc.stderr and "top secret" not in proc.stdout + proc.stderr
+
+
+def test_a_wrong_secret_is_named_by_key_ids_never_by_value(tmp_path, monkeypatch, capsys):
+    from draftflow.cli import main
+
+    write_run(tmp_path / "control")
+    monkeypatch.setenv("DRAFTFLOW_SECRET", "my-own-secret-value")
+    code = main(["store", "verify", "-c", str(REPO / "examples" / "tiny.yaml"), f"features.root={tmp_path}"])
+    out = capsys.readouterr()
+    assert code == 1 and key_id(b"my-own-secret-value") in out.out + out.err
+    assert "my-own-secret-value" not in out.out + out.err and SECRET.decode() not in out.out + out.err
 
 
 # ------------------------------------------------------------------ round trip
