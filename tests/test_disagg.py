@@ -162,6 +162,20 @@ def test_two_consumers_in_consume_once_mode_train_every_sample_exactly_once(tmp_
     assert not list((tmp_path / "feat" / "samples").glob("*.safetensors"))  # freed once trained
 
 
+def test_consumer_after_a_consume_once_stream_is_used_up_says_so_and_exports_nothing(tmp_path):
+    once = ["features.release=consume_once", "train.max_steps=1000", "data.max_samples=8"]
+    code, _, err = finish(train(tmp_path, "producer", *once))
+    assert code == 0, err[-2000:]
+    code, _, err = finish(train(tmp_path, "consumer", *once))  # trains all 8 samples
+    assert code == 0, err[-2000:]
+    late = tmp_path / "late"
+    code, out, err = finish(train(tmp_path, "consumer", *once, f"train.output_dir={late}"))
+    assert code == 2, err[-2000:]
+    assert "nothing left to train" in err and "already trained by other consumers" in err
+    assert "fresh features.root" in err and "Traceback" not in err
+    assert not (late / "final").exists() and not (late / "checkpoints").exists()  # no untrained draft
+
+
 MOONCAKE_SIZES = ["features.mooncake.segment_bytes=134217728", "features.mooncake.buffer_bytes=16777216"]
 
 

@@ -60,6 +60,7 @@ class ClaimingRefSource:
         self.num_samples = reader.header.num_samples
         self._store, self._claims, self._timeout_s, self._poll_s = store, claims, timeout_s, poll_s
         self._follow = reader.follow(timeout_s)
+        self._root = reader.control_dir.parent
         self._skipped: list[SampleRef] = []
         self._handed: dict[str, SampleRef] = {}
         self._last_renew = time.monotonic()
@@ -73,6 +74,14 @@ class ClaimingRefSource:
                 return ref
             self._skipped.append(ref)
         return self._sweep()
+
+    def why_exhausted(self) -> str:
+        """Why a consumer that never got a sample has nothing to train (the trainer's error)."""
+        return (f"every one of the {self.num_samples} samples of the consume-once run in features.root "
+                f"{self._root} was already trained by other consumers (each sample is trained once, then "
+                "deleted). Start all consumers before their producer finishes; to train on the same data "
+                "again, rerun the producer into a fresh features.root (or empty this one first with "
+                "`draftflow store gc --what all`)")
 
     def _claim(self, ref: SampleRef) -> bool:
         if not self._claims.try_claim(ref.sample_id):

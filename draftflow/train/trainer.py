@@ -232,6 +232,11 @@ class Trainer:
                                  f"but the target's hidden size {h} needs {list(shape)}; were these features "
                                  "captured from another target?")
 
+    def _nothing_to_train(self) -> ValueError:
+        why = getattr(self.source, "why_exhausted", None)  # consume-once sources only
+        return ValueError(f"nothing left to train: {why() if why else 'the sample stream is empty'}; "
+                          f"no checkpoint or draft was written to {self.output_dir}")
+
     # ---- the loop -----------------------------------------------------------------
     def resume_step(self) -> int:
         found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
@@ -281,6 +286,8 @@ class Trainer:
             for step in range(start, end):
                 batches = loader.next(step)
                 if not self._any_has_data(bool(batches)):
+                    if step == 0:  # nothing trained and nothing resumed: saving would export an untrained draft
+                        raise self._nothing_to_train()
                     end = step  # a consume-once stream ran out on every rank: finish here
                     break
                 tokens += sum(b.num_tokens for b in batches)
