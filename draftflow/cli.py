@@ -147,12 +147,13 @@ def verify_mooncake(cfg) -> int:
     from draftflow.control.manifest import ManifestReader
     from draftflow.control.signing import load_secret
     from draftflow.stores import StoreError, build_store
+    from draftflow.stores.admin import failed_run
 
     reader = ManifestReader(Path(cfg.features.root) / "control", load_secret(cfg.features, os.environ))
     done_dir = Path(cfg.features.root) / "control" / "done"  # consume-once: trained and freed
     refs = [r for r in reader.refs_so_far() if not (done_dir / r.sample_id).exists()]
     store = build_store(cfg.features)
-    problems = []
+    problems = failed_run(reader)
     try:
         for ref in refs:
             try:

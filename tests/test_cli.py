@@ -1,6 +1,7 @@
 """The command line as a user runs it: the tiny example end to end, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,59 @@ def test_malformed_jsonl_in_strict_mode_names_the_line(capsys, tmp_path):
 def test_export_of_a_folder_without_checkpoint(capsys, tmp_path):
     code, err = run_cli(capsys, "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"))
     assert code == 2 and "no checkpoint" in err
+
+
+# ---- store verify and I/O messages, with real producer processes ----------------------
+
+def producer(tmp_path, root, *extra, prefix=()):
+    env = {**os.environ, "DRAFTFLOW_SECRET": "cli-test-secret"}
+    return subprocess.run([sys.executable, *prefix, "train", "-c", TINY, "--role", "producer",
+                           "features.backend=shared_dir", f"features.root={root}", "data.max_samples=4",
+                           "train.progress=false", *extra], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+
+
+def verify(capsys, monkeypatch, root) -> tuple[int, str]:
+    monkeypatch.setenv("DRAFTFLOW_SECRET", "cli-test-secret")
+    code = main(["store", "verify", "-c", TINY, "features.backend=shared_dir", f"features.root={root}"])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_store_verify_reports_a_run_its_producer_marked_failed(tmp_path, capsys, monkeypatch):
+    proc = producer(tmp_path, tmp_path / "feat", "capture.device=cuda:7", prefix=("-m", "draftflow"))
+    assert proc.returncode == 2 and "capture.device" in proc.stderr, proc.stderr[-2000:]
+    code, out = verify(capsys, monkeypatch, tmp_path / "feat")
+    assert code == 1 and "marked run" in out and "failed after 0 refs" in out and "capture.device" in out
+    assert "OK" not in out
+
+
+def test_a_corrupt_sample_is_named_by_the_file_read_and_the_producers_uri(tmp_path, capsys, monkeypatch):
+    proc = producer(tmp_path, tmp_path / "feat", prefix=("-m", "draftflow"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moved = tmp_path / "mounted-elsewhere"
+    (tmp_path / "feat").rename(moved)  # as a consumer host that mounts the store at another path
+    sample = moved / "samples" / "s000001.safetensors"
+    data = bytearray(sample.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    sample.write_bytes(bytes(data))
+    code, out = verify(capsys, monkeypatch, moved)
+    assert code == 1 and "is corrupt in" in out
+    assert f"corrupt in {sample} (published as {(tmp_path / 'feat' / 'samples' / sample.name).as_uri()})" in out
+
+
+_FILE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (32768, 32768))  # the manifest fits, a sample file does not
+from draftflow.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_feature_write_names_the_file(tmp_path):
+    proc = producer(tmp_path, tmp_path / "feat", prefix=("-c", _FILE_LIMIT))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    named = f"[Errno 27] File too large: '{tmp_path / 'feat' / 'samples'}"
+    assert named in proc.stderr
+    assert named in (tmp_path / "feat" / "control" / "state.json").read_text()  # what waiting consumers see

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -170,6 +171,36 @@ def test_republishing_same_ref_is_noop_but_different_ref_refused(tmp_path):
         assert w.num_refs == 1
         with pytest.raises(ManifestError, match="already published with a different ref"):
             w.publish(dataclasses.replace(ref(0), num_tokens=99))
+
+
+_FILLS_UP = """
+import resource, signal, sys
+sys.path.insert(0, {repo!r})
+from tests.test_manifest import SECRET, header, ref
+from draftflow.control.manifest import ManifestWriter
+w = ManifestWriter({d!r}, SECRET, header(num_samples=50))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+for i in range(50):
+    w.publish(ref(i))
+"""
+
+
+def test_a_journal_write_that_fails_names_the_journal(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _FILLS_UP.format(repo=str(REPO), d=str(tmp_path))],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode != 0 and "[Errno 27] File too large" in proc.stderr, proc.stderr[-2000:]
+    assert f"{tmp_path / JOURNAL_FILE}" in proc.stderr.splitlines()[-1]
+
+
+def test_a_full_disk_error_names_the_file_being_written():
+    from draftflow.fsutil import naming
+
+    with pytest.raises(OSError) as e:
+        with naming(Path("/feat/control/refs.jsonl")), open("/dev/full", "wb", buffering=0) as f:
+            f.write(b"x")  # ENOSPC, and Python's error names no file
+    assert e.value.errno == errno.ENOSPC and str(e.value) == \
+        "[Errno 28] No space left on device: '/feat/control/refs.jsonl'"
 
 
 # ------------------------------------------------------------------ following a live producer

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from draftflow.control.signing import canonical_json, key_id, sign, verify
-from draftflow.fsutil import write_atomic
+from draftflow.fsutil import naming, write_atomic
 from draftflow.records import FORMAT_VERSION, Provenance, SampleRef, assert_no_tensors
 
 HEADER_FILE = "header.json"
@@ -330,9 +330,10 @@ class ManifestWriter:
         assert_no_tensors(record, "manifest ref")
         mac = sign({"prev": self._cursor.last_mac, **record}, self._secret)
         line = canonical_json({**record, "mac": mac}) + b"\n"
-        self._journal.write(line)
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        with naming(self._cursor.path):
+            self._journal.write(line)
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
         self._cursor.offset += len(line)
         self._cursor.num_refs += 1
         self._cursor.last_mac = mac

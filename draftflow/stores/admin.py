@@ -103,6 +103,7 @@ def verify_store(root: str | Path, secret: bytes) -> list[str]:
             reader = ManifestReader(root / "control", secret)
             state = reader.state().status
             refs = reader.refs_so_far()
+            problems.extend(failed_run(reader))
         except ManifestError as e:
             problems.append(f"manifest: {e}")
     done, listed = _done_ids(root), {r.sample_id for r in refs}
@@ -121,6 +122,15 @@ def verify_store(root: str | Path, secret: bytes) -> list[str]:
             problems.append(f"{path}: sample {sample_id!r} is not in the sealed manifest (stray file)")
         problems.extend(_verify_unlisted(store, sample_id))
     return problems
+
+
+def failed_run(reader: ManifestReader) -> list[str]:
+    """A run its producer marked failed is a problem, however well its samples verify."""
+    state = reader.state()
+    if state.status != "failed":
+        return []
+    return [f"manifest: the producer marked run {reader.header.run_id!r} failed after {state.num_refs} refs: "
+            f"{state.error} (rerun the producer with the same config to finish the run)"]
 
 
 def _verify_unlisted(store: LocalStore, sample_id: str) -> list[str]:

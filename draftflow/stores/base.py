@@ -11,6 +11,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Protocol
 
 import torch
@@ -146,29 +147,39 @@ def make_spec(name: str, t: torch.Tensor) -> FeatureSpec:
                        num_bytes=t.numel() * t.element_size(), checksum=checksum(tensor_bytes(t)))
 
 
-def verify_tensor(ref: SampleRef, name: str, t: torch.Tensor) -> None:
-    """Raise ChecksumError/StoreError unless `t` matches the spec of feature `name`."""
+def read_from(ref: SampleRef, path: Path | None) -> str:
+    """Where a message says `ref` was read: the file read (the producer's URI may name
+    another host's mount), with the URI beside it where the two differ."""
+    if path is None or Path(path).resolve().as_uri() == ref.uri:
+        return ref.uri if path is None else str(path)
+    return f"{path} (published as {ref.uri})"
+
+
+def verify_tensor(ref: SampleRef, name: str, t: torch.Tensor, path: Path | None = None) -> None:
+    """Raise ChecksumError/StoreError unless `t` matches the spec of feature `name`
+    (`path`: the file `t` was read from, for messages)."""
     spec = next((f for f in ref.features if f.name == name), None)
     if spec is None:
-        raise StoreError(f"sample {ref.sample_id!r}: {ref.uri} holds an unexpected feature {name!r}")
+        raise StoreError(f"sample {ref.sample_id!r}: {read_from(ref, path)} holds an unexpected feature {name!r}")
     if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
         raise StoreError(
             f"sample {ref.sample_id!r}: feature {spec.name!r} is {dtype_name(t.dtype)}{list(t.shape)}, "
-            f"expected {spec.dtype}{list(spec.shape)} ({ref.uri})")
+            f"expected {spec.dtype}{list(spec.shape)} ({read_from(ref, path)})")
     got = checksum(tensor_bytes(t), algorithm_of(spec.checksum))
     if got != spec.checksum:
-        raise checksum_mismatch(ref, spec, got)
+        raise checksum_mismatch(ref, spec, got, path)
 
 
-def checksum_mismatch(ref: SampleRef, spec: FeatureSpec, got: str) -> ChecksumError:
-    return ChecksumError(f"sample {ref.sample_id!r}: feature {spec.name!r} is corrupt in {ref.uri} "
+def checksum_mismatch(ref: SampleRef, spec: FeatureSpec, got: str, path: Path | None = None) -> ChecksumError:
+    return ChecksumError(f"sample {ref.sample_id!r}: feature {spec.name!r} is corrupt in {read_from(ref, path)} "
                          f"(checksum {got}, expected {spec.checksum})")
 
 
-def verify_tensors_present(ref: SampleRef, tensors: Mapping[str, torch.Tensor]) -> None:
+def verify_tensors_present(ref: SampleRef, tensors: Mapping[str, torch.Tensor], path: Path | None = None) -> None:
     for spec in ref.features:
         if spec.name not in tensors:
-            raise StoreError(f"sample {ref.sample_id!r}: feature {spec.name!r} is missing from {ref.uri}")
+            raise StoreError(f"sample {ref.sample_id!r}: feature {spec.name!r} is missing from "
+                             f"{read_from(ref, path)}")
 
 
 def verify_tensors(ref: SampleRef, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -64,8 +64,8 @@ class LocalStore:
         buffer = self._take_buffer(ref.num_bytes)
         try:
             # each feature is verified while the next one is still being read
-            tensors, _ = read_sample_file(path, buffer, on_tensor=lambda name, t: verify_tensor(ref, name, t))
-            verify_tensors_present(ref, tensors)
+            tensors, _ = read_sample_file(path, buffer, on_tensor=lambda name, t: verify_tensor(ref, name, t, path))
+            verify_tensors_present(ref, tensors, path)
         except FileNotFoundError:
             self._recycle_buffer(buffer)
             raise StoreError(f"sample {ref.sample_id!r}: {path} does not exist") from None

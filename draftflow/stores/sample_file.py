@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from draftflow.fsutil import fsync_dir
+from draftflow.fsutil import fsync_dir, naming
 from draftflow.stores.base import StoreError, tensor_bytes
 
 _DTYPE_TO_ST = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
@@ -57,7 +57,7 @@ def write_sample_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = aligned_order(tensors)
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:
             f.write(encode_header(tensors, metadata))
             for t in tensors.values():
                 f.write(tensor_bytes(t))

@@ -31,6 +31,7 @@ import torch
 
 from draftflow.control.claims import default_owner
 from draftflow.control.manifest import RELEASE_POLICIES
+from draftflow.fsutil import naming
 from draftflow.records import SampleRef
 from draftflow.stores.base import StoreError
 from draftflow.stores.local import LocalStore
@@ -60,7 +61,8 @@ class _Counter:
         self.value += num_bytes
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.pwrite(fd, f"{self.value:0{_COUNTER_WIDTH}d}\n".encode(), 0)
+            with naming(self.path):
+                os.pwrite(fd, f"{self.value:0{_COUNTER_WIDTH}d}\n".encode(), 0)
         finally:
             os.close(fd)
 
