@@ -124,15 +124,13 @@ def test_a_secret_given_as_secret_file_never_appears_in_a_message(tmp_path, comm
     assert "0f9a8b7c" not in proc.stdout + proc.stderr and "top secret" not in proc.stdout + proc.stderr
 
 
-def test_a_wrong_secret_is_named_by_key_ids_never_by_value(tmp_path, monkeypatch, capsys):
-    from draftflow.cli import main
-
-    write_run(tmp_path / "control")
-    monkeypatch.setenv("DRAFTFLOW_SECRET", "my-own-secret-value")
-    code = main(["store", "verify", "-c", str(REPO / "examples" / "tiny.yaml"), f"features.root={tmp_path}"])
-    out = capsys.readouterr()
-    assert code == 1 and key_id(b"my-own-secret-value") in out.out + out.err
-    assert "my-own-secret-value" not in out.out + out.err and SECRET.decode() not in out.out + out.err
+def test_a_wrong_secret_is_named_by_key_ids_never_by_value(tmp_path):
+    write_run(tmp_path)
+    secret = load_secret(FeaturesConfig(), {"DRAFTFLOW_SECRET": "my-own-secret-value\n"})
+    with pytest.raises(WrongSecretError) as e:
+        ManifestReader(tmp_path, secret)
+    assert key_id(secret) in str(e.value) and key_id(SECRET) in str(e.value)
+    assert "my-own-secret-value" not in str(e.value) and SECRET.decode() not in str(e.value)
 
 
 # ------------------------------------------------------------------ round trip
