@@ -68,7 +68,7 @@ from draftflow.capture.capture import (_FeatureHooks, _to_pinned_samples, captur
                                        pad_batch)
 from draftflow.capture.target import LoadedTarget, config_hash, resolve_aux_layer_ids
 from draftflow.config import Config, load_config
-from draftflow.roles import (PublishingStore, build_provenance, feature_dtype, plan_data, produce, publishing_run,
+from draftflow.roles import (build_provenance, capture_fill, feature_dtype, plan_data, produce, publishing_run,
                              target_hf_config)
 
 TARGET_8B = {**{k: LLAMA31_8B[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -225,8 +225,9 @@ def time_capture_store(target, aux_ids, plan, cfg: Config) -> dict:
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
     num = len(plan.prepared.train)
     start = time.perf_counter()
-    with publishing_run(cfg, secrets.token_bytes(32), provenance, plan.draft_ids, num) as (store, writer):
-        timed = _TimedStore(PublishingStore(store, writer))
+    with publishing_run(cfg, secrets.token_bytes(32), capture_fill(cfg, provenance), plan.draft_ids,
+                        num) as publishing:
+        timed = _TimedStore(publishing)
         produce(cfg, plan, timed, target, aux_ids)
     wall = time.perf_counter() - start
     shutil.rmtree(cfg.features.root, ignore_errors=True)

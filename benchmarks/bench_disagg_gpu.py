@@ -96,6 +96,7 @@ def reference_main(cfg_path: str, overrides: list[str]) -> None:
     """Build the target head, wait for "go" on stdin, then train like a colocated run
     on the features in the store (GPU: CUDA_VISIBLE_DEVICES set by the benchmark)."""
     import draftflow.roles as roles
+    from draftflow.control.binding import open_store_record
     from draftflow.control.manifest import ManifestReader
     from draftflow.control.signing import load_secret
     from draftflow.stores import build_store
@@ -109,11 +110,13 @@ def reference_main(cfg_path: str, overrides: list[str]) -> None:
         sys.exit("reference: stdin closed before 'go'; not training")
     # The head was built above while the pair ran; train_from_refs would build it again.
     roles.load_target_head = lambda target_cfg: head
-    reader = ManifestReader(control_dir(cfg), load_secret(cfg.features, os.environ))
-    store = build_store(dataclasses.replace(cfg.features, backend="local"))
+    secret = load_secret(cfg.features, os.environ)
+    reader = ManifestReader(control_dir(cfg), secret)
+    keys, _ = open_store_record(cfg.features.root, secret, None)
+    store = build_store(dataclasses.replace(cfg.features, backend="local"), keys)
     # Stream mode: the consumer deleted what it trained; the rest is complete and unread.
     left = [r for r in sorted(reader.refs_so_far(), key=lambda r: r.index) if store.path_of(r.sample_id).exists()]
-    refs = [dataclasses.replace(r, index=i) for i, r in enumerate(left)]
+    refs = [keys.sign_ref(dataclasses.replace(r, index=i)) for i, r in enumerate(left)]  # renumbered: signed again
     print(f"reference: training on {len(refs)} stored samples", flush=True)
     h = reader.header
     roles.train_from_refs(cfg, list(h.provenance.aux_layer_ids), list(h.draft_vocab), store, ListRefSource(refs),

@@ -69,14 +69,16 @@ def cmd_regenerate(args) -> int:
 def cmd_capture(args) -> int:
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, resolve_aux_layer_ids
-    from draftflow.roles import plan_data, produce, target_hf_config
-    from draftflow.stores import build_store
+    import os
+
+    from draftflow.roles import build_provenance, open_colocated_store, plan_data, produce, target_hf_config
 
     cfg = _config(args)
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
-    store = build_store(cfg.features)
+    provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
+    store = open_colocated_store(cfg, provenance, os.environ)
     target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
     refs = produce(cfg, plan, store, target, aux_ids)
     store.close()
@@ -103,10 +105,16 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def cmd_store(args) -> int:
+def _store_secret(cfg) -> bytes:
+    """The run secret, or (no secret configured) the key a colocated run made for the root."""
     import os
 
-    from draftflow.control.signing import load_secret
+    from draftflow.control.binding import colocated_secret
+
+    return colocated_secret(cfg.features, os.environ, create=False)
+
+
+def cmd_store(args) -> int:
     from draftflow.stores import admin
 
     if args.action == "serve":
@@ -114,9 +122,12 @@ def cmd_store(args) -> int:
     cfg = _config(args)
     root = Path(cfg.features.root)
     if args.action == "gc" and cfg.features.backend == "mooncake" and "all" in (args.what or []):
+        from draftflow.control.binding import open_store_record
         from draftflow.stores import build_store
 
-        store = build_store(cfg.features)  # the run's data lives in Mooncake, not under root
+        # The run's data lives in Mooncake under a namespace only the secret names.
+        keys, _ = open_store_record(root, _store_secret(cfg), None)
+        store = build_store(cfg.features, keys)
         print(f"mooncake: removed {store.cleanup_run()} object(s) of this run")
         store.close()
     if args.action == "verify" and cfg.features.backend == "mooncake":
@@ -129,39 +140,37 @@ def cmd_store(args) -> int:
               f"  temp     : {summary.num_temp_files} leftover file(s)")
         return 0
     if args.action == "verify":
-        problems = admin.verify_store(root, load_secret(cfg.features, os.environ))
+        problems = admin.verify_store(root, _store_secret(cfg))
         for p in problems:
             print(p)
         print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
         return 0 if not problems else 1
     what = args.what or ["temp"]
-    removed = admin.gc_store(root, what, claim_timeout_s=cfg.features.claim_timeout_s)
+    removed = admin.gc_store(root, what, claim_timeout_s=cfg.features.claim_timeout_s,
+                             secret=_store_secret(cfg) if "consumed" in what else None)
     print(f"{root}: removed {removed}")
     return 0
 
 
 def verify_mooncake(cfg) -> int:
-    """Check the manifest chain, then read back (and so checksum) every sample."""
-    import os
-
-    from draftflow.control.manifest import ManifestReader
-    from draftflow.control.signing import load_secret
+    """Check the store record, the manifest chain and the done markers, then read back
+    (and so check the signature and checksums of) every sample not consumed yet."""
     from draftflow.stores import StoreError, build_store
-    from draftflow.stores.admin import failed_run
+    from draftflow.stores.admin import check_run
 
-    reader = ManifestReader(Path(cfg.features.root) / "control", load_secret(cfg.features, os.environ))
-    done_dir = Path(cfg.features.root) / "control" / "done"  # consume-once: trained and freed
-    refs = [r for r in reader.refs_so_far() if not (done_dir / r.sample_id).exists()]
-    store = build_store(cfg.features)
-    problems = failed_run(reader)
+    run = check_run(cfg.features.root, _store_secret(cfg))
+    problems = run.problems
+    refs = [r for r in run.refs if r.sample_id not in run.done]  # consume-once: trained and freed
+    store = build_store(cfg.features, run.keys) if run.keys is not None else None
     try:
-        for ref in refs:
+        for ref in refs if store is not None else []:
             try:
                 store.release(store.get(ref))
             except StoreError as e:
                 problems.append(str(e))
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     for p in problems:
         print(p)
     print(f"mooncake run of {cfg.features.root}: {len(refs)} refs, "

@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-FORMAT_VERSION = 1
+# 2: sample refs carry a MAC under the run secret (`mac`), and the store has a signed
+# record of what filled it (control/binding.py). Version 1 refs are unsigned.
+FORMAT_VERSION = 2
 
 # Sample ids become file names and store keys: keep them to a safe alphabet so an
 # id like "../x" or "/etc/passwd" can never escape a store root.
@@ -61,6 +63,9 @@ class SampleRef:
     uri: str  # backend-specific location, e.g. "file:///feat/samples/s000001.safetensors"
     num_tokens: int
     features: tuple[FeatureSpec, ...]
+    # HMAC of everything above under the run secret, bound to the store it was put in
+    # (`control.binding.RunKeys`): a store refuses a ref without a valid one.
+    mac: str = ""
 
     def __post_init__(self) -> None:
         validate_sample_id(self.sample_id)
@@ -77,13 +82,13 @@ class SampleRef:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sample_id": self.sample_id, "index": self.index, "uri": self.uri,
-                "num_tokens": self.num_tokens, "features": [f.to_dict() for f in self.features]}
+                "num_tokens": self.num_tokens, "features": [f.to_dict() for f in self.features], "mac": self.mac}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SampleRef":
         return cls(sample_id=str(d["sample_id"]), index=int(d["index"]), uri=str(d["uri"]),
                    num_tokens=int(d["num_tokens"]),
-                   features=tuple(FeatureSpec.from_dict(f) for f in d["features"]))
+                   features=tuple(FeatureSpec.from_dict(f) for f in d["features"]), mac=str(d.get("mac", "")))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,15 +121,17 @@ class Provenance:
             raise ValueError(f"provenance: missing field(s) {sorted(missing)}")
         return cls(**{**d, "aux_layer_ids": tuple(int(x) for x in d["aux_layer_ids"])})
 
-    def mismatches(self, other: "Provenance") -> list[str]:
-        """Names of fields that differ, with both values, for a clear refusal message."""
+    def mismatches(self, other: "Provenance", labels: tuple[str, str] = ("manifest has", "this config gives")
+                   ) -> list[str]:
+        """Names of fields that differ, with both values (`labels` say whose), for a
+        clear refusal message."""
         out = []
         for f in dataclasses.fields(self):
             if f.name == "producer_version":
                 continue  # a newer consumer may read an older producer's features
             a, b = getattr(self, f.name), getattr(other, f.name)
             if a != b:
-                out.append(f"{f.name}: manifest has {a!r}, this config gives {b!r}")
+                out.append(f"{f.name}: {labels[0]} {a!r}, {labels[1]} {b!r}")
         return out
 
 

@@ -28,14 +28,16 @@ from draftflow.capture.target import (LoadedTarget, config_hash, load_target, lo
 from draftflow.config import Config
 from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
                                         wait_for_header)
+from draftflow.control.binding import StoreFill, check_filled_with, colocated_secret, open_store_record
 from draftflow.control.claims import ClaimBook, default_owner
+from draftflow.control.lease import ProducerLease
 from draftflow.control.signing import load_secret
 from draftflow.control.sources import ClaimingRefSource, ManifestRefSource
 from draftflow.data.prepare import PreparedData, data_hash, prepare_dataset
 from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
 from draftflow.export import export_draft
 from draftflow.records import Provenance
-from draftflow.stores import build_store
+from draftflow.stores import StoreError, build_store
 from draftflow.stores.shared_dir import resolve_release
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import ListRefSource, RefSource
@@ -141,7 +143,27 @@ def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store
                      num_samples=source.num_samples, num_tokens=source.num_tokens)
 
 
-def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
+def capture_fill(cfg: Config, provenance: Provenance) -> StoreFill:
+    """What capturing under `cfg` fills a store with (a rerun must match it to reuse it):
+    the batch budget (batch shapes change floating-point results) and the dtype the
+    target runs in, as `resolve_device_dtype` picks it, but without failing on a device
+    this host lacks (capture reports that once consumers can see the run fail)."""
+    dtype, device = cfg.capture.dtype, cfg.capture.device
+    if dtype == "auto":
+        on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        dtype = "bfloat16" if on_cuda else "float32"
+    return StoreFill(provenance=provenance, capture=(("batch_tokens", cfg.capture.batch_tokens), ("dtype", dtype)))
+
+
+def open_colocated_store(cfg: Config, provenance: Provenance, environ):
+    """The store of a run without a manifest (colocated, `draftflow capture`): signed with
+    the run secret if one is configured, else with the root's own key."""
+    secret = colocated_secret(cfg.features, environ)
+    keys, _ = open_store_record(cfg.features.root, secret, capture_fill(cfg, provenance))
+    return build_store(cfg.features, keys)
+
+
+def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ) -> RunResult:
     """Prepare, capture and train in one job. Under torchrun every rank captures its
     own shard of the samples into the (shared) store, then all train on all of them."""
     dist = init_distributed(cfg.train.device)
@@ -153,7 +175,7 @@ def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
-    store = build_store(cfg.features)
+    store = open_colocated_store(cfg, provenance, environ)
     device, dtype = resolve_device_dtype(cfg.capture)
     if dist.device.type == "cuda" and device.type == "cuda":
         device = dist.device  # each rank captures on its own GPU
@@ -163,6 +185,10 @@ def run_colocated(cfg: Config, stop_after: int | None = None) -> RunResult:
     del target  # free the target before the draft trains
     barrier()
     refs = [store.lookup(s.sample_id, s.index) for s in plan.prepared.train]
+    missing = [s.sample_id for s, ref in zip(plan.prepared.train, refs) if ref is None]
+    if missing:  # removed, or replaced by something this run did not sign, since capture
+        raise StoreError(f"{cfg.features.root}: {len(missing)} captured sample(s) are gone or not signed by this "
+                         f"run any more (first: {missing[0]!r}); rerun to capture them again")
     result = train_from_refs(cfg, aux_ids, plan.draft_ids, store, ListRefSource(refs), provenance,
                              stop_after=stop_after)
     store.close()
@@ -187,8 +213,8 @@ class PublishingStore:
     puts, then journals the ref in the signed manifest. Refs become visible to
     consumers only after their sample is durably published."""
 
-    def __init__(self, store, writer: ManifestWriter):
-        self.store, self.writer = store, writer
+    def __init__(self, store, writer: ManifestWriter, lease: ProducerLease):
+        self.store, self.writer, self.lease = store, writer, lease
 
     def lookup(self, sample_id: str, index: int):
         return self.store.lookup(sample_id, index)
@@ -198,28 +224,45 @@ class PublishingStore:
         if wait_for_room is not None:
             wait_for_room(sum(t.numel() * t.element_size() for t in tensors.values()))
         ref = self.store.put(sample_id, index, tensors)
-        self.writer.publish(ref)
+        self.publish(ref)
         return ref
+
+    def publish(self, ref) -> None:
+        self.lease.check()  # a producer that lost the run to another must not write to its journal
+        self.writer.publish(ref)
 
 
 @contextmanager
-def publishing_run(cfg: Config, secret: bytes, provenance: Provenance, draft_ids: list[int], num_samples: int):
-    """Open the store and the run's manifest writer; seal the run when the body
-    completes, or mark it failed (consumers then get the error instead of a hang)."""
+def publishing_run(cfg: Config, secret: bytes, fill: StoreFill, draft_ids: list[int], num_samples: int):
+    """Check the store record, take the producer lease, open the store and the run's
+    manifest writer; seal the run when the body completes, or mark it failed
+    (consumers then get the error instead of a hang). Yields a `PublishingStore`."""
     release = resolve_release(cfg.features.release)
-    header = ManifestHeader(run_id=run_id_for(provenance, num_samples, draft_ids, release), provenance=provenance,
-                            draft_vocab=tuple(draft_ids), num_samples=num_samples, release=release)
-    store = build_store(cfg.features)
-    writer = ManifestWriter(control_dir(cfg), secret, header)
+    header = ManifestHeader(run_id=run_id_for(fill.provenance, num_samples, draft_ids, release),
+                            provenance=fill.provenance, draft_vocab=tuple(draft_ids), num_samples=num_samples,
+                            release=release)
+    keys, _ = open_store_record(cfg.features.root, secret, fill)
+    lease = ProducerLease(control_dir(cfg), keys, cfg.features.claim_timeout_s).acquire()
     try:
-        yield store, writer
-        writer.seal()
-    except BaseException as e:
-        writer.fail(f"{type(e).__name__}: {e}")  # a rerun of the same run clears it
-        raise
+        store = build_store(cfg.features, keys)
+        try:
+            writer = ManifestWriter(control_dir(cfg), secret, header)
+        except BaseException:
+            store.close()
+            raise
+        try:
+            yield PublishingStore(store, writer, lease)
+            lease.check()
+            writer.seal()
+        except BaseException as e:
+            if not lease.lost:  # the run is another producer's now: leave its state alone
+                writer.fail(f"{type(e).__name__}: {e}")  # a rerun of the same run clears it
+            raise
+        finally:
+            writer.close()
+            store.close()
     finally:
-        writer.close()
-        store.close()
+        lease.release()
 
 
 def run_producer(cfg: Config, environ=os.environ) -> RunResult:
@@ -231,11 +274,11 @@ def run_producer(cfg: Config, environ=os.environ) -> RunResult:
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
     num = len(plan.prepared.train)
-    with publishing_run(cfg, secret, provenance, plan.draft_ids, num) as (store, writer):
+    with publishing_run(cfg, secret, capture_fill(cfg, provenance), plan.draft_ids, num) as publishing:
         target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
-        refs = produce(cfg, plan, PublishingStore(store, writer), target, aux_ids)
+        refs = produce(cfg, plan, publishing, target, aux_ids)
         for ref in refs:  # samples a crashed run had stored but not yet journaled
-            writer.publish(ref)
+            publishing.publish(ref)
     log.info("producer: sealed a run of %d samples at %s", num, cfg.features.root)
     return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None, num_samples=num,
                      num_tokens=sum(r.num_tokens for r in refs))
@@ -261,13 +304,13 @@ def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:
     draft_ids = build_draft_vocab(samples, cfg.draft.vocab_size, hf_config.vocab_size)
     provenance = build_provenance(cfg, hf_config, aux_ids, tokenizer_hash(load_tokenizer(tokenizer_spec(cfg))),
                                   data_hash(samples))
-    with publishing_run(cfg, secret, provenance, draft_ids, len(samples)) as (store, writer):
-        publishing = PublishingStore(store, writer)
+    fill = StoreFill(provenance=provenance, capture=(("source", "ingest"),))
+    with publishing_run(cfg, secret, fill, draft_ids, len(samples)) as publishing:
         for s in samples:  # pass 2: publish, skipping what a previous ingest stored
-            ref = store.lookup(s.sample_id, s.index)
+            ref = publishing.lookup(s.sample_id, s.index)
             if ref is None:
                 ref = publishing.put(s.sample_id, s.index, read_feature_file(s.path, dtype))
-            writer.publish(ref)
+            publishing.publish(ref)
     return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None,
                      num_samples=len(samples), num_tokens=sum(int(s.input_ids.numel()) for s in samples))
 
@@ -297,14 +340,16 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
     reader = ManifestReader(control_dir(cfg), secret)
     expected = consumer_provenance(cfg, reader.header)
     check_provenance(reader.header, expected)
+    keys, filled = open_store_record(cfg.features.root, secret, None)
+    check_filled_with(cfg.features.root, filled, reader.header.provenance)
     # The manifest decides the release policy: every consumer of a run must agree on it.
-    store = build_store(dataclasses.replace(cfg.features, release=reader.header.release))
-    if reader.header.release == "consume_once":
-        claims = ClaimBook(control_dir(cfg), default_owner(), cfg.features.claim_timeout_s)
-        source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s)
-    else:
-        source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
+    store = build_store(dataclasses.replace(cfg.features, release=reader.header.release), keys)
     try:
+        if reader.header.release == "consume_once":
+            claims = ClaimBook(control_dir(cfg), default_owner(), cfg.features.claim_timeout_s, keys)
+            source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s)
+        else:
+            source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
         return train_from_refs(cfg, list(expected.aux_layer_ids), list(reader.header.draft_vocab), store,
                                source, reader.header.provenance, stop_after=stop_after)
     finally:

@@ -15,11 +15,13 @@ from draftflow.capture.capture import (_FeatureHooks, _to_item, capture_features
 from draftflow.capture.target import (config_hash, default_aux_layer_ids, load_target, load_target_head,
                                       resolve_aux_layer_ids)
 from draftflow.config import CaptureConfig, TargetConfig
+from draftflow.control.binding import RunKeys
 from draftflow.stores.local import LocalStore
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
 AUX = [0, 1, 2]
+KEYS = RunKeys(b"capture-test-secret", "test-store")
 CPU = torch.device("cpu")
 
 
@@ -226,7 +228,7 @@ def test_hooks_capture_exactly_what_output_hidden_states_gives(tiny):
 
 def test_stored_features_equal_output_hidden_states(tiny, tmp_path):
     sample = make_samples([11])[0]
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, KEYS)
     (ref,) = capture_features(tiny, AUX, [sample], store, CaptureConfig(), torch.float32, progress=False)
     got = store.get(ref).tensors
     with torch.inference_mode():
@@ -239,10 +241,10 @@ def test_stored_features_equal_output_hidden_states(tiny, tmp_path):
 def test_padded_batch_features_equal_features_captured_alone(tmp_path, dtype, atol):
     target = load_target(tiny_cfg(), CPU, dtype)
     samples = make_samples([13, 4, 9, 13, 2, 7], seed=3)
-    batched = LocalStore(tmp_path / "batched")
+    batched = LocalStore(tmp_path / "batched", KEYS)
     refs = capture_features(target, AUX, samples, batched, CaptureConfig(batch_tokens=64), progress=False)
     for s, ref in zip(samples, refs):
-        alone = LocalStore(tmp_path / f"alone{s.index}")
+        alone = LocalStore(tmp_path / f"alone{s.index}", KEYS)
         (ref1,) = capture_features(target, AUX, [s], alone, CaptureConfig(batch_tokens=1), progress=False)
         a, b = batched.get(ref).tensors, alone.get(ref1).tensors
         for name in ("aux_hidden", "last_hidden"):
@@ -251,7 +253,7 @@ def test_padded_batch_features_equal_features_captured_alone(tmp_path, dtype, at
 
 def test_features_land_in_the_store_with_the_right_layout(tiny, tmp_path, capsys):
     samples = make_samples([8, 3, 12, 5])
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, KEYS)
     refs = capture_features(tiny, AUX, reversed(samples), store, CaptureConfig(batch_tokens=24))
     err = capsys.readouterr().err
     assert "28.0/28.0" in err and "tok/s" in err  # the progress bar counts tokens and their rate
@@ -270,7 +272,7 @@ def test_features_land_in_the_store_with_the_right_layout(tiny, tmp_path, capsys
 def test_rerun_skips_published_samples_without_running_the_target(tmp_path):
     target = load_target(tiny_cfg(), CPU, torch.float32)
     forwards = count_forwards(target.model)
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, KEYS)
     samples = make_samples([6, 6, 6, 6])
     first = capture_features(target, AUX, samples[:3], store, CaptureConfig(batch_tokens=6), progress=False)
     assert forwards[0] == 3
@@ -284,7 +286,7 @@ def test_capture_never_computes_logits(tiny, tmp_path):
     calls = []
     handle = tiny.model.lm_head.register_forward_hook(lambda *_: calls.append(1))
     try:
-        capture_features(tiny, AUX, make_samples([5]), LocalStore(tmp_path), CaptureConfig(), progress=False)
+        capture_features(tiny, AUX, make_samples([5]), LocalStore(tmp_path, KEYS), CaptureConfig(), progress=False)
     finally:
         handle.remove()
     assert calls == []
@@ -297,18 +299,18 @@ def test_capture_never_computes_logits(tiny, tmp_path):
 ])
 def test_malformed_samples_are_refused_by_name(tiny, tmp_path, sample, message):
     with pytest.raises(ValueError, match=f"'bad'.*{message}"):
-        capture_features(tiny, AUX, [sample], LocalStore(tmp_path), CaptureConfig(), progress=False)
+        capture_features(tiny, AUX, [sample], LocalStore(tmp_path, KEYS), CaptureConfig(), progress=False)
 
 
 def test_duplicate_samples_are_refused(tiny, tmp_path):
     a, b = make_samples([3, 4])
     with pytest.raises(ValueError, match="duplicate"):
-        capture_features(tiny, AUX, [a, Sample(b.sample_id, 0, b.input_ids, b.loss_mask)], LocalStore(tmp_path),
+        capture_features(tiny, AUX, [a, Sample(b.sample_id, 0, b.input_ids, b.loss_mask)], LocalStore(tmp_path, KEYS),
                          CaptureConfig(), progress=False)
 
 
 def test_rerun_refuses_a_store_filled_from_other_data(tiny, tmp_path):
-    store = LocalStore(tmp_path)
+    store = LocalStore(tmp_path, KEYS)
     capture_features(tiny, AUX, make_samples([5]), store, CaptureConfig(), progress=False)
     with pytest.raises(ValueError, match="'s0000'.*holds it with 5 tokens.*has 6"):
         capture_features(tiny, AUX, make_samples([6]), store, CaptureConfig(), progress=False)
@@ -316,9 +318,9 @@ def test_rerun_refuses_a_store_filled_from_other_data(tiny, tmp_path):
 
 def test_bad_batch_budget_and_aux_layers_are_named(tiny, tmp_path):
     with pytest.raises(ValueError, match="capture.batch_tokens"):
-        capture_features(tiny, AUX, [], LocalStore(tmp_path), CaptureConfig(batch_tokens=0), progress=False)
+        capture_features(tiny, AUX, [], LocalStore(tmp_path, KEYS), CaptureConfig(batch_tokens=0), progress=False)
     with pytest.raises(ValueError, match="target.aux_layer_ids"):
-        capture_features(tiny, [0, 1, 9], [], LocalStore(tmp_path), CaptureConfig(), progress=False)
+        capture_features(tiny, [0, 1, 9], [], LocalStore(tmp_path, KEYS), CaptureConfig(), progress=False)
 
 
 # ---- the real GGUF target ----------------------------------------------------------
@@ -342,6 +344,7 @@ def test_smollm2_gguf_target_loads_via_a_bf16_cache(tmp_path_factory):
     assert lm_head is embed and embed.shape == (49152, 576)
     assert torch.equal(embed, second.model.model.embed_tokens.weight)
     assert resolve_aux_layer_ids(cfg, second.config.num_hidden_layers) == [1, 14, 26]
-    refs = capture_features(second, [1, 14, 26], make_samples([9, 5], vocab=49152), LocalStore(tmp_path_factory.mktemp("f")),
+    refs = capture_features(second, [1, 14, 26], make_samples([9, 5], vocab=49152),
+                            LocalStore(tmp_path_factory.mktemp("f"), KEYS),
                             CaptureConfig(), progress=False)
     assert [r.spec("aux_hidden").shape for r in refs] == [(9, 1728), (5, 1728)]

@@ -412,8 +412,11 @@ def test_manifest_of_unknown_format_version_is_refused(tmp_path):
     with pytest.raises(ValueError, match="format_version 9"):
         header(format_version=9)
     write_run(tmp_path)
-    edit_record(tmp_path / HEADER_FILE, "header", "format_version", 2)
-    with pytest.raises(ManifestError, match="manifest format version 2; this DraftFlow reads 1"):
+    edit_record(tmp_path / HEADER_FILE, "header", "format_version", 3)
+    with pytest.raises(ManifestError, match="manifest format version 3; this DraftFlow reads 2"):
+        ManifestReader(tmp_path, SECRET)
+    edit_record(tmp_path / HEADER_FILE, "header", "format_version", 1)  # unsigned samples: recapture
+    with pytest.raises(ManifestError, match="version 1; .*older DraftFlow.*unsigned.*store gc --what all"):
         ManifestReader(tmp_path, SECRET)
 
 
@@ -422,6 +425,7 @@ def test_manifest_of_unknown_format_version_is_refused(tmp_path):
 def test_consumers_holding_claims_do_not_wait_on_each_other(tmp_path):
     """Two consumers each hold one untrained claim at the end of a sealed run: neither
     may block on the other's claim (that deadlocked until the wait timeout)."""
+    from draftflow.control.binding import RunKeys
     from draftflow.control.claims import ClaimBook
     from draftflow.control.sources import ClaimingRefSource
     from draftflow.train.batches import EndOfStream, Pending
@@ -431,8 +435,10 @@ def test_consumers_holding_claims_do_not_wait_on_each_other(tmp_path):
             pass
 
     write_run(tmp_path, n=2)
+    keys = RunKeys(SECRET, "s")
     a, b = (ClaimingRefSource(ManifestReader(tmp_path, SECRET), Store(),
-                              ClaimBook(tmp_path / "claims", owner, claim_timeout_s=60), timeout_s=30, poll_s=0.01)
+                              ClaimBook(tmp_path / "claims", owner, claim_timeout_s=60, keys=keys), timeout_s=30,
+                              poll_s=0.01)
             for owner in ("a", "b"))
     x = a.resolve(0)
     y = b.resolve(0)

@@ -19,6 +19,7 @@ pytest.importorskip("mooncake.store", reason="Mooncake is not installed: "
                     "apt-get install libibverbs1 && pip install mooncake-transfer-engine-non-cuda")
 
 from draftflow.config import FeaturesConfig, MooncakeConfig, load_config  # noqa: E402
+from draftflow.control.binding import RunKeys  # noqa: E402
 from draftflow.records import SampleRef  # noqa: E402
 from draftflow.stores.base import ChecksumError, StoreError, make_spec  # noqa: E402
 from draftflow.stores.mooncake import (LeaseHeldError, MooncakeError, MooncakeStore, SampleMissingError,  # noqa: E402
@@ -26,6 +27,7 @@ from draftflow.stores.mooncake import (LeaseHeldError, MooncakeError, MooncakeSt
 from draftflow.stores.mooncake_service import MooncakeService  # noqa: E402
 
 SEGMENT_BYTES = 48 << 20
+KEYS = RunKeys(b"mooncake-test-secret", "test-store")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def open_store(service, tmp_path, request):
     stores = []
 
     def _open(run_id=None, **mooncake):
-        store = MooncakeStore(features_cfg(service, tmp_path, **mooncake),
+        store = MooncakeStore(features_cfg(service, tmp_path, **mooncake), KEYS,
                               run_id=run_id or request.node.name[:60].replace("[", "_").replace("]", ""))
         stores.append(store)
         return store
@@ -84,7 +86,7 @@ def test_put_get_round_trip_is_bit_exact(open_store):
     store = open_store()
     x = sample()
     ref = store.put("s0", 0, x)
-    assert ref.uri.startswith(f"mooncake://{store.master}/{store.run_id}/s0/g")
+    assert ref.uri.startswith(f"mooncake://{store.master}/{store.namespace}/s0/g")
     assert ref.features == tuple(make_spec(k, v) for k, v in x.items())  # same checksums as other stores
     lease = store.get(ref)
     for name, t in x.items():
@@ -117,17 +119,18 @@ def test_lookup_drops_a_sample_whose_features_are_gone(open_store):
     ref = store.put("s2", 2, sample())
     store._client.remove(store.feature_keys(ref)[0], True)
     assert store.lookup("s2", 2) is None
-    assert store._client.is_exist(f"{store.run_id}/s2/ref") == 0
+    assert store._client.is_exist(f"{store.namespace}/s2/ref") == 0
 
 
 def test_data_survives_the_producer_process_exit(service, open_store, tmp_path):
     script = textwrap.dedent(f"""
         import json, torch
         from draftflow.config import FeaturesConfig, MooncakeConfig
+        from draftflow.control.binding import RunKeys
         from draftflow.stores.mooncake import MooncakeStore
         cfg = FeaturesConfig(backend="mooncake", root={str(tmp_path)!r}, mooncake=MooncakeConfig(
             master={service.master!r}, metadata_server={service.metadata_server!r}, buffer_bytes=4 << 20))
-        store = MooncakeStore(cfg, run_id="exit-test")
+        store = MooncakeStore(cfg, RunKeys(b"mooncake-test-secret", "test-store"), run_id="exit-test")
         x = {{"input_ids": torch.arange(8), "loss_mask": torch.ones(8, dtype=torch.uint8),
              "aux_hidden": torch.full((8, 6), 1.5, dtype=torch.bfloat16),
              "last_hidden": torch.full((8, 2), -2.0, dtype=torch.bfloat16)}}
@@ -186,7 +189,7 @@ def test_get_in_chunks_is_bit_exact_and_delete_removes_every_object(open_store):
     total = sum(f.num_bytes for f in ref.features)
     read = [n for args in client.reads for n in [s for sizes in args[4][0] for s in sizes]]
     assert len(client.reads) == -(-total // 4096) and sum(read) == total  # one read per chunk, all bytes once
-    keys = store.feature_keys(ref) + [f"{store.run_id}/ch0/ref"]
+    keys = store.feature_keys(ref) + [f"{store.namespace}/ch0/ref"]
     store.delete(ref)
     assert store._client.batch_is_exist(keys) == [0] * len(keys)
 
@@ -300,17 +303,17 @@ def test_errors_map_mooncake_codes_to_clear_classes(open_store):
 
 def test_bad_config_is_refused_with_the_key_named(service, tmp_path):
     def make(**kw):
-        return MooncakeStore(features_cfg(service, tmp_path, **kw), run_id="bad-config")
+        return MooncakeStore(features_cfg(service, tmp_path, **kw), KEYS, run_id="bad-config")
 
     with pytest.raises(ValueError, match="features.mooncake.master"):
-        MooncakeStore(FeaturesConfig(backend="mooncake", root=str(tmp_path)))
+        MooncakeStore(FeaturesConfig(backend="mooncake", root=str(tmp_path)), KEYS)
     dead = MooncakeConfig(master="127.0.0.1:1", metadata_server=service.metadata_server)
     with pytest.raises(StoreError, match="no Mooncake master answers at '127.0.0.1:1'"):
-        MooncakeStore(FeaturesConfig(backend="mooncake", root=str(tmp_path), mooncake=dead))
+        MooncakeStore(FeaturesConfig(backend="mooncake", root=str(tmp_path), mooncake=dead), KEYS)
     with pytest.raises(ValueError, match="features.release"):
         make(release="sometimes")
     with pytest.raises(ValueError, match="features.mooncake.run_id"):
-        MooncakeStore(features_cfg(service, tmp_path), run_id="a/b")
+        MooncakeStore(features_cfg(service, tmp_path), KEYS, run_id="a/b")
     with pytest.raises(ValueError, match="features.mooncake.buffer_bytes"):
         make(buffer_bytes=1000)
     with pytest.raises(ValueError, match="features.mooncake.chunk_bytes: expected a positive multiple of 64"):
@@ -322,7 +325,7 @@ def test_bad_config_is_refused_with_the_key_named(service, tmp_path):
 def test_colocated_store_starts_and_stops_its_own_service(tmp_path):
     cfg = FeaturesConfig(backend="mooncake", root=str(tmp_path), mooncake=MooncakeConfig(
         segment_bytes=16 << 20, buffer_bytes=4 << 20))
-    store = open_mooncake_store(cfg)
+    store = open_mooncake_store(cfg, KEYS)
     procs = list(store._service._procs.values())
     x = sample()
     assert raw_bytes(store.get(store.put("c", 0, x)).tensors["aux_hidden"]) == raw_bytes(x["aux_hidden"])
@@ -344,7 +347,7 @@ def test_serve_writes_client_config_and_stops_on_sigterm(tmp_path):
             time.sleep(0.1)
         cfg = load_config([out], [f"features.root={tmp_path}", "features.mooncake.buffer_bytes=4194304"])
         assert cfg.features.backend == "mooncake"
-        with MooncakeStore(cfg.features, run_id="served") as store:
+        with MooncakeStore(cfg.features, KEYS, run_id="served") as store:
             x = sample()
             assert torch.equal(store.get(store.put("v", 0, x)).tensors["last_hidden"], x["last_hidden"])
         proc.send_signal(signal.SIGTERM)

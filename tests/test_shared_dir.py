@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from draftflow.config import FeaturesConfig
+from draftflow.control.binding import RunKeys, StoreFill, open_store_record
 from draftflow.control.claims import ClaimBook
 from draftflow.control.manifest import ManifestHeader, ManifestWriter
 from draftflow.records import Provenance
@@ -28,8 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 SECRET = b"store-secret"
 
 
+PROV = Provenance(target="random:x", target_config_hash="h", tokenizer_hash="t", hidden_size=4, vocab_size=100,
+                  aux_layer_ids=(0, 1, 2), feature_dtype="bfloat16", data_hash="d", producer_version="0.1.0")
+FILL = StoreFill(provenance=PROV, capture=(("batch_tokens", 64), ("dtype", "float32")))
+KEYS = RunKeys(SECRET, "no-store")  # for claims without a store
+
+
 def cfg(root: Path, **changes) -> FeaturesConfig:
     return FeaturesConfig(backend="shared_dir", root=str(root), **changes)
+
+
+def open_dir(root: Path, **changes) -> SharedDirStore:
+    """A shared-directory store at `root`, its store record created on first use."""
+    keys, _ = open_store_record(root, SECRET, FILL)
+    return SharedDirStore(cfg(root, **changes), keys)
 
 
 def tensors(seed: int, num_tokens: int = 6, hidden: int = 4) -> dict[str, torch.Tensor]:
@@ -55,7 +68,7 @@ def wait_for(path: Path, timeout_s: float = 60) -> None:
 # ------------------------------------------------------------------ publish and read
 
 def test_put_get_round_trip_and_lookup(tmp_path):
-    store = SharedDirStore(cfg(tmp_path))
+    store = open_dir(tmp_path)
     t = tensors(0)
     ref = store.put("s0", 0, t)
     assert store.lookup("s0", 0) == ref
@@ -67,20 +80,20 @@ def test_put_get_round_trip_and_lookup(tmp_path):
 
 
 def test_sample_id_escaping_the_root_is_refused(tmp_path):
-    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    store = open_dir(tmp_path, release="consume_once")
     with pytest.raises(ValueError, match="invalid sample id '../x'"):
         store.put("../x", 0, tensors(0))
     with pytest.raises(ValueError, match="invalid sample id '../x'"):
-        ClaimBook(store.control_dir, "me", 60).try_claim("../x")
+        ClaimBook(store.control_dir, "me", 60, store.keys).try_claim("../x")
 
 
 def test_unknown_release_policy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="features.release: 'sometimes'"):
-        SharedDirStore(cfg(tmp_path, release="sometimes"))
+        open_dir(tmp_path, release="sometimes")
 
 
 def test_corrupt_feature_file_raises_checksum_error_naming_the_feature(tmp_path):
-    store = SharedDirStore(cfg(tmp_path))
+    store = open_dir(tmp_path)
     ref = store.put("s0", 0, tensors(0))
     path = store.path_of("s0")
     with open(path, "rb") as f:
@@ -98,6 +111,7 @@ _SLOW_WRITER = """
 import sys, time, torch
 import draftflow.stores.sample_file as sf
 from draftflow.config import FeaturesConfig
+from draftflow.control.binding import RunKeys
 from draftflow.stores.shared_dir import SharedDirStore
 calls = []
 real = sf.tensor_bytes
@@ -108,7 +122,7 @@ def stalling(t):  # stall after the first tensor: the temp file holds a prefix
         time.sleep(60)
     return real(t)
 sf.tensor_bytes = stalling
-store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=sys.argv[1]))
+store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=sys.argv[1]), RunKeys(b"k", "s"))
 store.put("s0", 0, {"input_ids": torch.arange(6), "loss_mask": torch.ones(6, dtype=torch.uint8),
                     "aux_hidden": torch.zeros(6, 12, dtype=torch.bfloat16),
                     "last_hidden": torch.zeros(6, 4, dtype=torch.bfloat16)})
@@ -121,7 +135,7 @@ def test_writer_killed_mid_write_leaves_no_visible_sample_only_a_temp_gc_removes
     wait_for(marker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    store = SharedDirStore(cfg(root))
+    store = open_dir(root)
     assert store.lookup("s0", 0) is None
     assert not store.path_of("s0").exists()
     summary = list_store(root)
@@ -137,11 +151,13 @@ _CONSUMER = """
 import json, sys
 from draftflow.config import FeaturesConfig
 from draftflow.control.manifest import ManifestReader
+from draftflow.control.binding import open_store_record
 from draftflow.control.claims import ClaimBook, default_owner
 from draftflow.stores.shared_dir import SharedDirStore
 root, out = sys.argv[1], sys.argv[2]
-store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=root, release="consume_once"))
-claims = ClaimBook(store.control_dir, default_owner(), 60)
+keys, _ = open_store_record(root, b"store-secret", None)
+store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=root, release="consume_once"), keys)
+claims = ClaimBook(store.control_dir, default_owner(), 60, keys)
 got = []
 open(out + ".ready", "w").close()  # imports done: both consumers race from here
 for ref in ManifestReader(store.control_dir, b"store-secret").follow(timeout_s=30, poll_s=0.01):
@@ -156,16 +172,13 @@ json.dump(got, open(out, "w"))
 
 
 def make_header(num_samples: int) -> ManifestHeader:
-    prov = Provenance(target="random:x", target_config_hash="h", tokenizer_hash="t", hidden_size=4,
-                      vocab_size=100, aux_layer_ids=(0, 1, 2), feature_dtype="bfloat16", data_hash="d",
-                      producer_version="0.1.0")
-    return ManifestHeader(run_id="r", provenance=prov, draft_vocab=(1, 2, 3), num_samples=num_samples,
+    return ManifestHeader(run_id="r", provenance=PROV, draft_vocab=(1, 2, 3), num_samples=num_samples,
                           release="consume_once")
 
 
 def test_two_consumer_processes_train_each_sample_exactly_once(tmp_path):
     n = 24
-    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
+    store = open_dir(tmp_path, release="consume_once")
     writer = ManifestWriter(store.control_dir, SECRET, make_header(n))
     procs = [python(_CONSUMER, str(tmp_path), str(tmp_path / f"got{i}.json")) for i in range(2)]
     for i in range(2):
@@ -185,8 +198,9 @@ def test_two_consumer_processes_train_each_sample_exactly_once(tmp_path):
 
 _DYING_CONSUMER = """
 import sys, os
+from draftflow.control.binding import RunKeys
 from draftflow.control.claims import ClaimBook
-book = ClaimBook(sys.argv[1], "deadhost:1:dead", claim_timeout_s=0.5)
+book = ClaimBook(sys.argv[1], "deadhost:1:dead", claim_timeout_s=0.5, keys=RunKeys(b"store-secret", "no-store"))
 assert book.try_claim("s0")
 os._exit(0)  # no done(): the claim is left behind
 """
@@ -194,18 +208,19 @@ os._exit(0)  # no done(): the claim is left behind
 
 def test_stale_claim_of_dead_consumer_is_reclaimed(tmp_path):
     assert python(_DYING_CONSUMER, str(tmp_path)).wait(30) == 0
-    book = ClaimBook(tmp_path, "live:2:abc", claim_timeout_s=0.5)
+    book = ClaimBook(tmp_path, "live:2:abc", claim_timeout_s=0.5, keys=KEYS)
     assert not book.try_claim("s0")  # still fresh
     time.sleep(0.6)
     assert book.try_claim("s0")
     book.done("s0")
-    assert book.is_done("s0") and not ClaimBook(tmp_path, "x", 0.5).try_claim("s0")
+    assert book.is_done("s0") and not ClaimBook(tmp_path, "x", 0.5, KEYS).try_claim("s0")
 
 
 _STEALER = """
 import json, sys, time
+from draftflow.control.binding import RunKeys
 from draftflow.control.claims import ClaimBook
-book = ClaimBook(sys.argv[1], sys.argv[2], claim_timeout_s=0.2)
+book = ClaimBook(sys.argv[1], sys.argv[2], claim_timeout_s=0.2, keys=RunKeys(b"store-secret", "no-store"))
 while time.time() < float(sys.argv[3]):
     time.sleep(0.001)
 json.dump(book.try_claim("s0"), open(sys.argv[4], "w"))
@@ -213,7 +228,7 @@ json.dump(book.try_claim("s0"), open(sys.argv[4], "w"))
 
 
 def test_only_one_of_racing_stealers_wins_a_stale_claim(tmp_path):
-    assert ClaimBook(tmp_path, "dead", 0.2).try_claim("s0")
+    assert ClaimBook(tmp_path, "dead", 0.2, KEYS).try_claim("s0")
     time.sleep(0.3)
     start_at = time.time() + 1.0
     procs = [python(_STEALER, str(tmp_path), f"stealer{i}", str(start_at), str(tmp_path / f"won{i}"))
@@ -224,20 +239,20 @@ def test_only_one_of_racing_stealers_wins_a_stale_claim(tmp_path):
 
 
 def test_stalled_owner_learns_its_claim_was_stolen(tmp_path):
-    slow = ClaimBook(tmp_path, "slow", claim_timeout_s=0.1)
+    slow = ClaimBook(tmp_path, "slow", claim_timeout_s=0.1, keys=KEYS)
     assert slow.try_claim("s0") and slow.try_claim("s1")
     time.sleep(0.2)
     slow.renew_all()  # fresh heartbeat for both, then s0 goes stale again
     os.utime(tmp_path / "claims" / "s0@0", (0, 0))
-    thief = ClaimBook(tmp_path, "thief", claim_timeout_s=0.1)
+    thief = ClaimBook(tmp_path, "thief", claim_timeout_s=0.1, keys=KEYS)
     assert thief.try_claim("s0") and not thief.try_claim("s1")
     assert slow.renew_all() == ["s0"]
     assert slow.held() == {"s1"}
 
 
 def test_done_requires_a_held_claim_and_delete_frees_the_sample(tmp_path):
-    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
-    claims = ClaimBook(store.control_dir, "me", 60)
+    store = open_dir(tmp_path, release="consume_once")
+    claims = ClaimBook(store.control_dir, "me", 60, store.keys)
     ref = store.put("s0", 0, tensors(0))
     with pytest.raises(ValueError, match="not claimed by"):
         claims.done("s0")
@@ -254,13 +269,13 @@ def test_done_requires_a_held_claim_and_delete_frees_the_sample(tmp_path):
 
 def test_back_pressure_blocks_producer_until_a_consumer_releases(tmp_path):
     sample_bytes = sum(t.numel() * t.element_size() for t in tensors(0).values())
-    producer = SharedDirStore(cfg(tmp_path, release="consume_once", max_inflight_bytes=2 * sample_bytes))
+    producer = open_dir(tmp_path, release="consume_once", max_inflight_bytes=2 * sample_bytes)
     refs = [producer.put(f"s{i}", i, tensors(i)) for i in range(2)]
     producer.wait_for_room(0)  # at the limit, but not over it: no wait
 
     def consume_one_later():
         time.sleep(0.4)
-        consumer = SharedDirStore(cfg(tmp_path, release="consume_once"))
+        consumer = SharedDirStore(cfg(tmp_path, release="consume_once"), producer.keys)
         consumer.release(consumer.get(refs[0]))
         consumer.delete(refs[0])
 
@@ -275,17 +290,17 @@ def test_back_pressure_blocks_producer_until_a_consumer_releases(tmp_path):
 
 
 def test_back_pressure_times_out_clearly_without_consumers(tmp_path):
-    store = SharedDirStore(cfg(tmp_path, release="consume_once", max_inflight_bytes=10, wait_timeout_s=0.2))
+    store = open_dir(tmp_path, release="consume_once", max_inflight_bytes=10, wait_timeout_s=0.2)
     store.put("s0", 0, tensors(0))
     with pytest.raises(StoreError, match="max_inflight_bytes=10.*no consumer progress for 0.2 s"):
         store.wait_for_room(100, poll_s=0.01)
-    SharedDirStore(cfg(tmp_path, max_inflight_bytes=10)).wait_for_room(100)  # retain: never blocks
+    open_dir(tmp_path, max_inflight_bytes=10).wait_for_room(100)  # retain: never blocks
 
 
 # ------------------------------------------------------------------ admin
 
 def test_verify_store_reports_missing_sample_and_tampered_manifest(tmp_path):
-    store = SharedDirStore(cfg(tmp_path))
+    store = open_dir(tmp_path)
     with ManifestWriter(store.control_dir, SECRET, dataclasses.replace(make_header(2), release="retain")) as w:
         for i in range(2):
             w.publish(store.put(f"s{i}", i, tensors(i)))
@@ -299,15 +314,21 @@ def test_verify_store_reports_missing_sample_and_tampered_manifest(tmp_path):
 
 
 def test_gc_removes_stale_claims_consumed_samples_and_whole_store(tmp_path):
-    store = SharedDirStore(cfg(tmp_path, release="consume_once"))
-    refs = [store.put(f"s{i}", i, tensors(i)) for i in range(3)]
-    assert ClaimBook(store.control_dir, "dead", 0.1).try_claim("s1")
-    mine = ClaimBook(store.control_dir, "me", 60)
+    store = open_dir(tmp_path, release="consume_once")
+    with ManifestWriter(store.control_dir, SECRET, make_header(3)) as w:
+        for i in range(3):
+            w.publish(store.put(f"s{i}", i, tensors(i)))
+        w.seal()
+    assert ClaimBook(store.control_dir, "dead", 0.1, store.keys).try_claim("s1")
+    mine = ClaimBook(store.control_dir, "me", 60, store.keys)
     assert mine.try_claim("s2")
     mine.done("s2")  # trained, but its file not yet freed
     assert gc_store(tmp_path, ["claims"], claim_timeout_s=3600) == {"claims": 0}
     time.sleep(0.15)
-    assert gc_store(tmp_path, ["claims", "consumed"], claim_timeout_s=0.1) == {"claims": 1, "consumed": 1}
+    with pytest.raises(ValueError, match="needs the run secret"):
+        gc_store(tmp_path, ["consumed"])
+    assert gc_store(tmp_path, ["claims", "consumed"], claim_timeout_s=0.1, secret=SECRET) == {"claims": 1,
+                                                                                                "consumed": 1}
     assert list_store(tmp_path).num_samples == 2
     with pytest.raises(ValueError, match="unknown target"):
         gc_store(tmp_path, ["everything"])

@@ -38,6 +38,7 @@ import safetensors.torch
 import torch
 
 from draftflow.config import FeaturesConfig, MooncakeConfig
+from draftflow.control.binding import RunKeys
 from draftflow.stores.mooncake import MooncakeStore, _chunks, _layout, ranges_args
 from draftflow.stores.mooncake_service import MooncakeService
 
@@ -112,7 +113,7 @@ def _round(store: MooncakeStore, naive, x: dict, i: int, num_bytes: int) -> dict
     store.delete(ref)
 
     # Naive: serialize, put bytes, get bytes, deserialize.
-    key = f"{store.run_id}/naive/{i}"
+    key = f"{store.namespace}/naive/{i}"
     def naive_put():
         rc = naive.put(key, safetensors.torch.save(x), store._pin)
         assert rc == 0, rc
@@ -139,7 +140,8 @@ def run_benchmark(num_tokens: int = 2048, hidden: int = 4096, repeats: int = 5,
         mc = MooncakeConfig(master=service.master, metadata_server=service.metadata_server,
                             buffer_bytes=3 * num_bytes + (4 << 20), chunk_bytes=chunk_bytes,
                             full_timeout_s=10.0)
-        store = MooncakeStore(FeaturesConfig(backend="mooncake", root=root, mooncake=mc), run_id="bench")
+        keys = RunKeys(os.urandom(32), "bench")  # a throwaway store: nothing outlives the run
+        store = MooncakeStore(FeaturesConfig(backend="mooncake", root=root, mooncake=mc), keys, run_id="bench")
         naive = MooncakeDistributedStore()  # put/get of bytes go through a client-local buffer
         rc = naive.setup("127.0.0.1", service.metadata_server, 0, 2 * num_bytes + (16 << 20), "tcp", "",
                          service.master)

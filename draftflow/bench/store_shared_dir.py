@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from draftflow.config import FeaturesConfig
+from draftflow.control.binding import RunKeys
 from draftflow.stores.base import make_spec, verify_tensors
 from draftflow.stores.sample_file import read_sample_file
 from draftflow.stores.shared_dir import SharedDirStore
@@ -279,7 +280,8 @@ def run_store_benchmark(root, num_samples: int = 24, seq_len: int = 2048, hidden
 
 
 def _run(work: Path, num_samples: int, seq_len: int, hidden: int, step_s: float | None) -> dict:
-    store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=str(work / "store")))
+    store = SharedDirStore(FeaturesConfig(backend="shared_dir", root=str(work / "store")),
+                           RunKeys(os.urandom(32), "bench"))  # a throwaway store: nothing outlives the run
     raw_dir = work / "raw"
     raw_dir.mkdir()
     sample = make_sample(seq_len, hidden)

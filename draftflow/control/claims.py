@@ -3,7 +3,10 @@
 Layout under the claim folder (shared by every consumer, on any host):
 
     claims/<sample>@<gen>   the claim of generation <gen>; content names the owner
-    done/<sample>           the sample was trained; never handed out again
+    done/<sample>           the sample was trained; never handed out again. Signed
+                            (`RunKeys.done_marker`: sample, generation, owner, store):
+                            a marker that does not verify is refused, naming the file,
+                            never taken as "trained"
 
 Claiming is `os.link` of a private temp file to the claim name: an atomic
 create-if-absent on local file systems and NFS alike, so exactly one process wins.
@@ -29,7 +32,12 @@ import time
 import uuid
 from pathlib import Path
 
+from draftflow.control.manifest import ManifestError
 from draftflow.records import validate_sample_id
+
+
+class ForgedMarkerError(ManifestError):
+    """A `done/` marker not signed under this run's secret for this store."""
 
 
 def default_owner() -> str:
@@ -48,7 +56,8 @@ def parse_claim_name(name: str) -> tuple[str, int] | None:
 class ClaimBook:
     """Claims of one consumer (`owner`) in a claim folder shared with the others."""
 
-    def __init__(self, directory: str | Path, owner: str, claim_timeout_s: float):
+    def __init__(self, directory: str | Path, owner: str, claim_timeout_s: float, keys):
+        self.keys = keys  # control.binding.RunKeys: signs and checks done markers
         self.claims_dir = Path(directory) / "claims"
         self.done_dir = Path(directory) / "done"
         self.claims_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +75,18 @@ class ClaimBook:
         return frozenset(self._held)
 
     def is_done(self, sample_id: str) -> bool:
-        return (self.done_dir / validate_sample_id(sample_id)).exists()
+        """True if a consumer of this run marked the sample trained; a marker that does
+        not verify raises ForgedMarkerError (skipping the sample would lose it)."""
+        path = self.done_dir / validate_sample_id(sample_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return False
+        if not self.keys.done_marker_ok(sample_id, raw):
+            raise ForgedMarkerError(f"{path}: done marker not signed under this run's secret for this store "
+                                    "(forged, or from another run); refusing to skip the sample. Remove it if "
+                                    "the sample was not trained; `draftflow store verify` lists such markers")
+        return True
 
     def try_claim(self, sample_id: str) -> bool:
         """Claim `sample_id` for this owner; False if done or held by a live consumer."""
@@ -91,12 +111,28 @@ class ClaimBook:
                 gen += 1  # already stolen once; look at the newer claim
                 continue
             try:
-                age = time.time() - self._path(sample_id, gen).stat().st_mtime
+                stale = self._stale(self._path(sample_id, gen))
             except FileNotFoundError:
                 return False  # its owner just marked it done
-            if age <= self.claim_timeout_s:
+            if not stale:
                 return False
             gen += 1  # stale: try to steal by creating the next generation
+
+    def _stale(self, path: Path) -> bool:
+        """A claim not renewed for `claim_timeout_s` belongs to a dead (or stalled) owner."""
+        return time.time() - path.stat().st_mtime > self.claim_timeout_s
+
+    def holder(self, sample_id: str) -> tuple[str, float] | None:
+        """(owner, seconds since its last heartbeat) of the newest claim on `sample_id`."""
+        gens = [g for sid, g in filter(None, map(parse_claim_name, os.listdir(self.claims_dir))) if sid == sample_id]
+        if not gens:
+            return None
+        path = self._path(sample_id, max(gens))
+        try:
+            owner = json.loads(path.read_text()).get("owner", "?")
+            return owner, time.time() - path.stat().st_mtime
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
     def _create(self, sample_id: str, gen: int) -> bool:
         tmp = self.claims_dir / f".tmp-{uuid.uuid4().hex}"
@@ -136,12 +172,26 @@ class ClaimBook:
             gen = self._held.pop(sample_id, None)
         if gen is None:
             raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")
-        path, marker = self._path(sample_id, gen), self.done_dir / sample_id
+        marker = self.done_dir / sample_id
+        tmp = self.done_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.write_bytes(self.keys.done_marker(sample_id, gen, self.owner))
         try:
-            os.link(path, marker)
+            os.link(tmp, marker)  # complete before it is visible
         except FileExistsError:
-            pass  # a stealer finished it first; it is done either way
-        except FileNotFoundError:
-            marker.write_text(json.dumps({"owner": self.owner, "sample_id": sample_id, "gen": gen}))
+            # A stealer finished it first (it is done either way), unless what is there is
+            # forged: then ours replaces it.
+            if not self.keys.done_marker_ok(sample_id, marker.read_bytes()):
+                os.replace(tmp, marker)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.release(sample_id, gen)
+
+    def release(self, sample_id: str, gen: int | None = None) -> None:
+        """Drop the claim files of `sample_id` up to generation `gen` (default: the one held)."""
+        if gen is None:
+            with self._lock:
+                gen = self._held.pop(sample_id, None)
+            if gen is None:
+                return
         for g in range(gen + 1):
             self._path(sample_id, g).unlink(missing_ok=True)

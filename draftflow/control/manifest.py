@@ -142,7 +142,11 @@ def _read_header(control_dir: Path, secret: bytes) -> tuple[ManifestHeader, str]
     payload, sig = _signed_part(_load_json(path, "the manifest header"), path, "header")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: manifest format version {version!r}; this DraftFlow reads {FORMAT_VERSION}")
+        # Version 1 refs carry no MAC: their samples cannot be told from planted ones.
+        hint = ("; it was written by an older DraftFlow, whose samples are unsigned: recapture them "
+                "(`draftflow store gc --what all`, then rerun the producer)") if version == 1 else ""
+        raise ManifestError(f"{path}: manifest format version {version!r}; this DraftFlow reads "
+                            f"{FORMAT_VERSION}{hint}")
     if not verify(payload, sig, secret):
         theirs, ours = payload.get("key_id"), key_id(secret)
         if theirs != ours:

@@ -7,28 +7,30 @@ from draftflow.stores.local import LocalStore
 from draftflow.stores.shared_dir import SharedDirStore
 
 
-def _mooncake(features_cfg):
+def _mooncake(features_cfg, keys):
     from draftflow.stores.mooncake import open_mooncake_store  # optional dependency
 
-    return open_mooncake_store(features_cfg)
+    return open_mooncake_store(features_cfg, keys)
 
 
-# Backends side by side, keyed by `features.backend`; each takes the features config.
+# Backends side by side, keyed by `features.backend`; each takes the features config
+# and the store's keys (`control.binding.RunKeys`: refs are signed and checked with them).
 BACKENDS = {
-    "local": lambda c: LocalStore(c.root),
+    "local": lambda c, keys: LocalStore(c.root, keys),
     "shared_dir": SharedDirStore,
     "mooncake": _mooncake,
 }
 
 
-def build_store(features_cfg) -> FeatureStore:
-    """Open the store named by `features.backend` at `features.root`."""
+def build_store(features_cfg, keys) -> FeatureStore:
+    """Open the store named by `features.backend` at `features.root`, with its keys
+    (from `control.binding.open_store_record`)."""
     try:
         make = BACKENDS[features_cfg.backend]
     except KeyError:
         raise ValueError(f"features.backend: unknown backend {features_cfg.backend!r}, "
                          f"expected one of {sorted(BACKENDS)}") from None
-    return make(features_cfg)
+    return make(features_cfg, keys)
 
 
 __all__ = ["FeatureStore", "Lease", "StoreError", "ChecksumError", "LocalStore", "SharedDirStore",

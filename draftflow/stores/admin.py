@@ -5,7 +5,9 @@ operator between or after runs. Layout (local and shared_dir backends):
 
     <root>/samples/<id>.safetensors       sample files (+ `.<name>.tmp-<pid>` of crashed writers)
     <root>/control/{header.json,refs.jsonl,state.json}   the signed manifest
-    <root>/control/claims/<id>@<gen>, control/done/<id>   consume-once claims
+    <root>/control/store.json, store.key     the signed store record (what filled it), a colocated run's key
+    <root>/control/claims/<id>@<gen>, control/done/<id>   consume-once claims, signed done markers
+    <root>/control/lease/                    the producer lease
     <root>/control/progress/                 back-pressure byte counters
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from draftflow.control.binding import RunKeys, check_filled_with, open_store_record
 from draftflow.control.claims import parse_claim_name
 from draftflow.control.manifest import HEADER_FILE, JOURNAL_FILE, STATE_FILE, ManifestError, ManifestReader
 from draftflow.records import SampleRef
@@ -50,7 +53,7 @@ def _sample_files(root: Path) -> list[Path]:
 
 
 def _temp_files(root: Path) -> list[Path]:
-    dirs = [root / "samples", root / "control", root / "control" / "claims"]
+    dirs = [root / "samples", root / "control", root / "control" / "claims", root / "control" / "done"]
     return [p for d in dirs if d.is_dir() for p in d.iterdir() if _is_temp(p.name)]
 
 
@@ -61,7 +64,7 @@ def _claim_files(root: Path) -> list[Path]:
 
 def _done_ids(root: Path) -> set[str]:
     d = root / "control" / "done"
-    return {p.name for p in d.iterdir()} if d.is_dir() else set()
+    return {p.name for p in d.iterdir() if not p.name.startswith(".")} if d.is_dir() else set()
 
 
 def _manifest_state(control: Path) -> str:
@@ -90,25 +93,65 @@ def list_store(root: str | Path) -> StoreSummary:
         num_temp_files=len(_temp_files(root)))
 
 
-def verify_store(root: str | Path, secret: bytes) -> list[str]:
-    """Problems found: the manifest's signatures and chain, then every sample's checksums.
-    A consumed (done) sample whose file was freed is not a problem."""
-    root = Path(root)
-    if not root.is_dir():
-        raise StoreError(f"{root}: no such store directory")
-    store, problems = LocalStore(root), []
-    refs, state = [], "absent"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunCheck:
+    """The control records of a store, verified (`check_run`)."""
+
+    keys: RunKeys | None  # None: the store record did not verify, so no sample can be checked
+    refs: list[SampleRef]
+    state: str  # absent | in_progress | sealed | failed
+    release: str | None  # the manifest's release policy (None without a manifest)
+    done: frozenset[str]  # samples whose done marker verifies (consume-once runs only)
+    problems: list[str]
+
+
+def check_run(root: str | Path, secret: bytes) -> RunCheck:
+    """Verify the store record, the manifest (signatures, chain, seal) and every done marker."""
+    root, problems = Path(root), []
+    try:
+        keys, filled = open_store_record(root, secret, None)
+    except ManifestError as e:
+        return RunCheck(keys=None, refs=[], state="absent", release=None, done=frozenset(), problems=[f"store: {e}"])
+    refs, state, release = [], "absent", None
     if (root / "control" / HEADER_FILE).exists():
         try:
             reader = ManifestReader(root / "control", secret)
+            release = reader.header.release
             state = reader.state().status
+            check_filled_with(root, filled, reader.header.provenance)
             refs = reader.refs_so_far()
             problems.extend(failed_run(reader))
         except ManifestError as e:
             problems.append(f"manifest: {e}")
-    done, listed = _done_ids(root), {r.sample_id for r in refs}
-    for ref in refs:
-        if ref.sample_id in done and not store.path_of(ref.sample_id).exists():
+    listed, done = {r.sample_id for r in refs}, set()
+    for sample_id in sorted(_done_ids(root)):
+        path = root / "control" / "done" / sample_id
+        if not keys.done_marker_ok(sample_id, path.read_bytes()):
+            problems.append(f"{path}: done marker not signed under this run's secret (forged, or from another run); "
+                            "its sample may never have been trained")
+        elif release != "consume_once":
+            problems.append(f"{path}: done marker in a {release or 'manifest-less'} run (only consume-once runs "
+                            "mark samples trained)")
+        elif sample_id not in listed:
+            problems.append(f"{path}: done marker of a sample the manifest does not list")
+        else:
+            done.add(sample_id)
+    return RunCheck(keys=keys, refs=refs, state=state, release=release, done=frozenset(done), problems=problems)
+
+
+def verify_store(root: str | Path, secret: bytes) -> list[str]:
+    """Problems found: the store record, the manifest's signatures and chain, the done
+    markers, then every sample's signature and checksums. A consumed sample (its done
+    marker verifies) whose file was freed is not a problem."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such store directory")
+    run = check_run(root, secret)
+    if run.keys is None:
+        return run.problems
+    store, problems, listed = LocalStore(root, run.keys), run.problems, {r.sample_id for r in run.refs}
+    for ref in run.refs:
+        if ref.sample_id in run.done and not store.path_of(ref.sample_id).exists():
             continue
         try:
             store.release(store.get(ref))  # back to the read-buffer pool
@@ -118,7 +161,7 @@ def verify_store(root: str | Path, secret: bytes) -> list[str]:
         sample_id = path.name[: -len(_SUFFIX)]
         if sample_id in listed:
             continue
-        if state == "sealed":
+        if run.state == "sealed":
             problems.append(f"{path}: sample {sample_id!r} is not in the sealed manifest (stray file)")
         problems.extend(_verify_unlisted(store, sample_id))
     return problems
@@ -144,13 +187,14 @@ def _verify_unlisted(store: LocalStore, sample_id: str) -> list[str]:
 
 
 def gc_store(root: str | Path, what: Iterable[str], *, claim_timeout_s: float = 300.0,
-             min_temp_age_s: float = 60.0) -> dict[str, int]:
+             min_temp_age_s: float = 60.0, secret: bytes | None = None) -> dict[str, int]:
     """Remove leftovers; returns how many of each were removed.
 
     `temp`: temp files of crashed writers older than `min_temp_age_s` (younger ones
     may belong to a live writer). `claims`: claims superseded by a newer generation,
-    of done samples, or stale for `claim_timeout_s`. `consumed`: files of done
-    samples. `all`: the whole store (samples and control records).
+    of done samples, or stale for `claim_timeout_s`. `consumed` (needs `secret`): files
+    of samples whose done marker verifies, in a consume-once run only. `all`: the whole
+    store (samples and control records).
     """
     root, what = Path(root), set(what)
     unknown = what - set(GC_WHAT)
@@ -169,8 +213,22 @@ def gc_store(root: str | Path, what: Iterable[str], *, claim_timeout_s: float = 
     if "claims" in what:
         removed["claims"] = _unlink_all(_removable_claims(root, now, claim_timeout_s))
     if "consumed" in what:
-        removed["consumed"] = _unlink_all(LocalStore(root).path_of(s) for s in _done_ids(root))
+        removed["consumed"] = _unlink_all(root / "samples" / f"{s}{_SUFFIX}" for s in _consumed(root, secret))
     return removed
+
+
+def _consumed(root: Path, secret: bytes | None) -> frozenset[str]:
+    """Samples trained in a consume-once run, by done markers that verify."""
+    if secret is None:
+        raise ValueError("store gc --what consumed needs the run secret (done markers are checked before a file goes)")
+    run = check_run(root, secret)
+    if run.keys is None or run.release is None:
+        raise StoreError(f"{root}: cannot tell which samples were consumed: "
+                         f"{'; '.join(run.problems) or 'no manifest'}")
+    if run.release != "consume_once":
+        raise ValueError(f"store gc --what consumed: {root} holds a {run.release} run; its samples are kept for "
+                         "further epochs, none is consumed")
+    return run.done
 
 
 def _removable_claims(root: Path, now: float, claim_timeout_s: float) -> list[Path]:

@@ -7,6 +7,7 @@ the capture loop see only this protocol and `SampleRef`s, never a backend.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,8 @@ import xxhash
 
 from draftflow.records import FeatureSpec, SampleRef
 
+log = logging.getLogger("draftflow.stores")
+
 
 class StoreError(RuntimeError):
     """A store operation failed; the message names the sample and what went wrong."""
@@ -26,6 +29,30 @@ class StoreError(RuntimeError):
 
 class ChecksumError(StoreError):
     """Bytes read back do not match the checksum recorded when they were put."""
+
+
+class UnsignedSampleError(StoreError):
+    """A sample's ref is not signed under this run's secret for this store."""
+
+
+def check_signed(keys, ref: SampleRef, where) -> None:
+    """Refuse a ref this run did not sign (`control.binding.RunKeys`): planted, copied
+    from another store, or written by an older DraftFlow. One HMAC over the ref's JSON."""
+    if not keys.ref_ok(ref):
+        raise UnsignedSampleError(f"{where}: sample {ref.sample_id!r} is not signed under this run's secret for "
+                                  "this store (planted, copied from another store, or written by an older "
+                                  "DraftFlow); refusing to train on it")
+
+
+def signed_or_none(keys, ref: SampleRef | None, sample_id: str, where) -> SampleRef | None:
+    """`lookup`'s check of what it found at `where` (None: unreadable): a ref this run
+    signed for `sample_id`, else None with a warning, so that the caller captures the
+    sample again and replaces what is there."""
+    if ref is not None and ref.sample_id == sample_id and keys.ref_ok(ref):
+        return ref
+    log.warning("%s: not a sample this run signed for %r (planted, foreign or from an older DraftFlow); "
+                "capturing it again", where, sample_id)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +69,12 @@ class FeatureStore(Protocol):
         """Publish one sample atomically: readers see all of it or none of it."""
 
     def lookup(self, sample_id: str, index: int) -> SampleRef | None:
-        """The ref of an already published sample, or None (lets a rerun skip it)."""
+        """The ref of a sample this run already published, or None (lets a rerun skip
+        it); anything there that this run did not sign is None too (captured again)."""
 
     def get(self, ref: SampleRef) -> Lease:
-        """Read a sample, verifying every feature against its spec and checksum."""
+        """Read a sample: its ref must be signed by this run, every feature must match
+        its spec and checksum."""
 
     def release(self, lease: Lease) -> None:
         """The consumer is done with this lease (frees it in consume-once stores)."""

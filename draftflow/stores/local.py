@@ -2,7 +2,9 @@
 
 Used by colocated runs. Publication is atomic (see `write_sample_file`), reads are
 verified against the ref's checksums, and `lookup` rebuilds a ref from a file's
-header so that a rerun of capture skips what is already published.
+header so that a rerun of capture skips what is already published. Refs are signed
+with the run's keys (`control.binding.RunKeys`): `lookup` ignores a file this run did
+not sign (it is captured again and replaced) and `get` refuses its ref.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Mapping
 import torch
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import Lease, StoreError, make_spec, verify_tensor, verify_tensors_present
+from draftflow.stores.base import (Lease, StoreError, check_signed, make_spec, signed_or_none, verify_tensor,
+                                   verify_tensors_present)
 from draftflow.stores.sample_file import read_metadata, read_sample_file, write_sample_file
 
 REF_KEY = "draftflow.ref"
@@ -25,8 +28,9 @@ class LocalStore:
     # Read buffers kept for reuse: enough for the loader's prefetch depth.
     max_pooled_buffers = 4
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, keys):
         self.root = Path(root)
+        self.keys = keys  # control.binding.RunKeys of this store
         self._buffers: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self.samples_dir = self.root / "samples"
@@ -38,9 +42,9 @@ class LocalStore:
     def put(self, sample_id: str, index: int, tensors: Mapping[str, torch.Tensor]) -> SampleRef:
         path = self.path_of(sample_id)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        ref = SampleRef(sample_id=sample_id, index=index, uri=path.resolve().as_uri(),
-                        num_tokens=int(tensors["input_ids"].shape[0]),
-                        features=tuple(make_spec(k, v) for k, v in tensors.items()))
+        ref = self.keys.sign_ref(SampleRef(sample_id=sample_id, index=index, uri=path.resolve().as_uri(),
+                                           num_tokens=int(tensors["input_ids"].shape[0]),
+                                           features=tuple(make_spec(k, v) for k, v in tensors.items())))
         write_sample_file(path, tensors, {REF_KEY: json.dumps(ref.to_dict())})
         return ref
 
@@ -48,17 +52,19 @@ class LocalStore:
         path = self.path_of(sample_id)
         if not path.exists():
             return None
-        meta = read_metadata(path)
-        if REF_KEY not in meta:
-            raise StoreError(f"{path}: not a DraftFlow sample file (no {REF_KEY!r} metadata)")
-        ref = SampleRef.from_dict(json.loads(meta[REF_KEY]))
-        if ref.index != index:
+        try:
+            ref = SampleRef.from_dict(json.loads(read_metadata(path)[REF_KEY]))
+        except (StoreError, KeyError, TypeError, ValueError):
+            ref = None  # not a DraftFlow sample file
+        ref = signed_or_none(self.keys, ref, sample_id, path)  # not ours: captured again
+        if ref is not None and ref.index != index:
             raise StoreError(f"{path}: holds sample index {ref.index}, expected {index} "
                              "(the store was filled from different data)")
         return ref
 
     def get(self, ref: SampleRef) -> Lease:
         path = self.path_of(ref.sample_id)
+        check_signed(self.keys, ref, path)
         # The data section holds exactly the features (safetensors allows no gaps), so
         # ref.num_bytes is the buffer a read needs.
         buffer = self._take_buffer(ref.num_bytes)

@@ -20,11 +20,14 @@ Lease lifetime. Tensors of a `Lease` view the store's buffer until `release(leas
 after that the range is reused by later gets, so a consumer that keeps data past
 release must copy it (the loader's batch collation does).
 
-Keys. `<run_id>/<sample_id>/<generation>/<feature>`: a put never writes a key twice
+Keys. `<namespace>/<sample_id>/<generation>/<feature>`, where the namespace is an
+HMAC of the run id under the run secret (`RunKeys.namespace`): nobody without the
+secret can name, and so plant, a key of the run. A put never writes a key twice
 (Mooncake keeps the old value when a key is put again), because every put draws a
-new generation. `<run_id>/<sample_id>/ref` holds the sample's `SampleRef` as JSON; it
-is upserted after the features, so it is the moment of publication, and `lookup`
-reads it to let a producer rerun skip published samples. A re-put leaves the older
+new generation. `<namespace>/<sample_id>/ref` holds the sample's signed `SampleRef`
+as JSON; it is upserted after the features, so it is the moment of publication, and
+`lookup` reads it to let a producer rerun skip published samples (a ref this run did
+not sign is ignored and the sample captured again; `get` refuses it). A re-put leaves the older
 generation's objects in place (delete the old ref first); features of a put that
 crashed before its ref was written are reachable only by `cleanup_run`.
 
@@ -50,8 +53,8 @@ import torch
 import xxhash
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import (LandingChecksum, Lease, StoreError, algorithm_of, checksum_mismatch, make_spec,
-                                   tensor_bytes)
+from draftflow.stores.base import (LandingChecksum, Lease, StoreError, algorithm_of, check_signed, checksum_mismatch,
+                                   make_spec, signed_or_none, tensor_bytes)
 from draftflow.stores.mooncake_service import MooncakeService, apply_mooncake_env, http_get, port_open
 from draftflow.stores.shared_dir import resolve_release
 
@@ -107,7 +110,8 @@ def error_for(code: int, what: str) -> MooncakeError:
 
 
 def default_run_id(root: str | Path) -> str:
-    """A run id derived from the absolute features root (the same for every role of a run)."""
+    """A run id derived from the absolute features root (the same for every role of a run);
+    keys are namespaced by an HMAC of it (`RunKeys.namespace`), not by the id itself."""
     return "root-" + xxhash.xxh3_64_hexdigest(str(Path(root).expanduser().resolve()).encode())
 
 
@@ -225,13 +229,16 @@ def _connect(mc):
 class MooncakeStore:
     """FeatureStore on a Mooncake cluster (see the module docstring for the data path)."""
 
-    def __init__(self, features_cfg, *, run_id: str | None = None, service: MooncakeService | None = None):
-        """Connect to `features.mooncake.master`. `service`, if given, is stopped by `close()`."""
+    def __init__(self, features_cfg, keys, *, run_id: str | None = None, service: MooncakeService | None = None):
+        """Connect to `features.mooncake.master`; `keys` (`control.binding.RunKeys`) sign refs
+        and name the key namespace. `service`, if given, is stopped by `close()`."""
         mc = features_cfg.mooncake
         self.release_policy = resolve_release(features_cfg.release)
         self.run_id = run_id or mc.run_id or default_run_id(features_cfg.root)
         if not self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(self.run_id) > 64:
             raise ValueError(f"features.mooncake.run_id: {self.run_id!r}, expected 1-64 characters of [A-Za-z0-9_.-]")
+        self.keys = keys
+        self.namespace = keys.namespace(self.run_id)
         if mc.buffer_bytes < (1 << 20):
             raise ValueError(f"features.mooncake.buffer_bytes: expected at least 1 MiB, got {mc.buffer_bytes}")
         if mc.chunk_bytes is not None and (mc.chunk_bytes <= 0 or mc.chunk_bytes % _ALIGN):
@@ -258,10 +265,10 @@ class MooncakeStore:
 
     # keys ---------------------------------------------------------------------------
     def _ref_key(self, sample_id: str) -> str:
-        return f"{self.run_id}/{sample_id}/ref"
+        return f"{self.namespace}/{sample_id}/ref"
 
     def _uri(self, sample_id: str, generation: str) -> str:
-        return f"mooncake://{self.master}/{self.run_id}/{sample_id}/{generation}"
+        return f"mooncake://{self.master}/{self.namespace}/{sample_id}/{generation}"
 
     @staticmethod
     def feature_keys(ref: SampleRef) -> list[str]:
@@ -301,8 +308,8 @@ class MooncakeStore:
                     for (name, t), o in zip(sources.items(), offsets))
             finally:
                 transfer.result()
-            ref = SampleRef(sample_id=sample_id, index=index, uri=uri,
-                            num_tokens=int(tensors["input_ids"].shape[0]), features=specs)
+            ref = self.keys.sign_ref(SampleRef(sample_id=sample_id, index=index, uri=uri,
+                                               num_tokens=int(tensors["input_ids"].shape[0]), features=specs))
             ref_json = json.dumps(ref.to_dict()).encode()
             if len(ref_json) > _MAX_REF_BYTES:
                 self._remove(keys, f"sample {sample_id!r}")
@@ -363,8 +370,11 @@ class MooncakeStore:
             self._pool.free(base, _MAX_REF_BYTES)
         try:
             ref = SampleRef.from_dict(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{self._ref_key(sample_id)}: not a DraftFlow ref ({e})") from None
+        except (ValueError, KeyError, TypeError):
+            ref = None  # not a DraftFlow ref
+        ref = signed_or_none(self.keys, ref, sample_id, f"Mooncake key {self._ref_key(sample_id)}")
+        if ref is None:
+            return None  # not ours: the caller captures the sample again and upserts its ref
         if ref.index != index:
             raise StoreError(f"{self._ref_key(sample_id)}: holds sample index {ref.index}, expected {index} "
                              "(the store was filled from different data)")
@@ -378,6 +388,7 @@ class MooncakeStore:
 
     def get(self, ref: SampleRef) -> Lease:
         """Read a sample into the registered buffer; tensors view it until `release`."""
+        check_signed(self.keys, ref, ref.uri)  # no RPC: one HMAC over the ref
         offsets, total = _layout([f.num_bytes for f in ref.features])
         base = self._pool.alloc(total, self.full_timeout_s)
         try:
@@ -461,12 +472,11 @@ class MooncakeStore:
             if code not in (0, OBJECT_NOT_FOUND):
                 raise error_for(code, f"{what}: removing {key}")
 
-    def cleanup_run(self, run_id: str | None = None) -> int:
-        """Remove every key of `run_id` (default: this store's run), e.g. after a failed run."""
-        run_id = run_id or self.run_id
-        n = self._client.remove_by_regex("^" + run_id.replace(".", "\\.") + "/", True)
+    def cleanup_run(self) -> int:
+        """Remove every key of this store's run (its namespace), e.g. after a failed run."""
+        n = self._client.remove_by_regex("^" + self.namespace + "/", True)
         if n < 0:
-            raise error_for(n, f"removing the keys of run {run_id!r}")
+            raise error_for(n, f"removing the keys of run {self.run_id!r}")
         return n
 
     def close(self) -> None:
@@ -502,16 +512,16 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def open_mooncake_store(features_cfg, *, run_id: str | None = None) -> MooncakeStore:
+def open_mooncake_store(features_cfg, keys, *, run_id: str | None = None) -> MooncakeStore:
     """A MooncakeStore; with no `features.mooncake.master` (colocated runs) it starts a
     private service (master + holder of `segment_bytes`) that `close()` stops."""
     mc = features_cfg.mooncake
     if mc.master:
-        return MooncakeStore(features_cfg, run_id=run_id)
+        return MooncakeStore(features_cfg, keys, run_id=run_id)
     service = MooncakeService(segment_bytes=mc.segment_bytes, host=mc.local_hostname).start()
     try:
         local = dataclasses.replace(mc, master=service.master, metadata_server=service.metadata_server)
-        return MooncakeStore(dataclasses.replace(features_cfg, mooncake=local), run_id=run_id, service=service)
+        return MooncakeStore(dataclasses.replace(features_cfg, mooncake=local), keys, run_id=run_id, service=service)
     except BaseException:
         service.stop()
         raise

@@ -77,8 +77,8 @@ def read_counter(path: Path) -> int:
 class SharedDirStore(LocalStore):
     """FeatureStore over a shared folder: `<root>/samples/` and `<root>/control/`."""
 
-    def __init__(self, features_cfg, owner: str | None = None):
-        super().__init__(features_cfg.root)
+    def __init__(self, features_cfg, keys, owner: str | None = None):
+        super().__init__(features_cfg.root, keys)
         self.control_dir = self.root / "control"
         self.progress_dir = self.control_dir / "progress"
         self.progress_dir.mkdir(parents=True, exist_ok=True)
