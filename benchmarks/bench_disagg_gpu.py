@@ -120,7 +120,7 @@ def reference_main(cfg_path: str, overrides: list[str]) -> None:
     print(f"reference: training on {len(refs)} stored samples", flush=True)
     h = reader.header
     roles.train_from_refs(cfg, list(h.provenance.aux_layer_ids), list(h.draft_vocab), store, ListRefSource(refs),
-                          h.provenance)
+                          h.provenance, None)
 
 
 # ------------------------------------------------------------ processes and polling

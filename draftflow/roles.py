@@ -122,8 +122,10 @@ def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: l
 
 
 def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store, source: RefSource,
-                    provenance: Provenance, stop_after: int | None = None) -> RunResult:
-    """Train and export: the part a colocated run and a consumer share line for line."""
+                    provenance: Provenance, run_id: str | None, stop_after: int | None = None) -> RunResult:
+    """Train and export: the part a colocated run and a consumer share line for line.
+    `run_id` (the manifest's; None for a colocated run) and the provenance go into every
+    checkpoint, and a resume refuses a checkpoint of another run."""
     dist = init_distributed(cfg.train.device)
     embed, lm_head, hf_config = load_target_head(cfg.target)
     head = TargetHead(embed_weight=embed, lm_head_weight=lm_head, hf_config=hf_config)
@@ -133,8 +135,11 @@ def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store
                          f"gives {hidden}")
     model_cfg = build_draft_config(cfg, head.hf_config, aux_ids, len(draft_ids))
     trainer = Trainer(cfg, model_cfg, head, draft_ids, store, source, dist,
-                      extra_meta={"provenance": provenance.to_dict()})
+                      extra_meta={"provenance": provenance.to_dict(), "run_id": run_id})
     last = trainer.fit(stop_after=stop_after)
+    finish = getattr(source, "finish", None)  # a manifest source checks the seal before the export
+    if finish is not None and stop_after is None:
+        finish()
     out = Path(cfg.train.output_dir)
     final = None
     if dist.is_main and last is not None and stop_after is None:
@@ -189,7 +194,7 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
     if missing:  # removed, or replaced by something this run did not sign, since capture
         raise StoreError(f"{cfg.features.root}: {len(missing)} captured sample(s) are gone or not signed by this "
                          f"run any more (first: {missing[0]!r}); rerun to capture them again")
-    result = train_from_refs(cfg, aux_ids, plan.draft_ids, store, ListRefSource(refs), provenance,
+    result = train_from_refs(cfg, aux_ids, plan.draft_ids, store, ListRefSource(refs), provenance, None,
                              stop_after=stop_after)
     store.close()
     return RunResult(output_dir=result.output_dir, final_dir=result.final_dir, checkpoint=result.checkpoint,
@@ -351,7 +356,7 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
         else:
             source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
         return train_from_refs(cfg, list(expected.aux_layer_ids), list(reader.header.draft_vocab), store,
-                               source, reader.header.provenance, stop_after=stop_after)
+                               source, reader.header.provenance, reader.header.run_id, stop_after=stop_after)
     finally:
         store.close()
 

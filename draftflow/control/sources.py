@@ -24,21 +24,44 @@ log = logging.getLogger("draftflow.sources")
 
 
 class ManifestRefSource:
+    """Refs by index. The journal is read to its seal (which must cover exactly the
+    lines read, in a `state.json` of this run) as soon as the run is sealed: at once if
+    it already is, else when every ref has arrived, and at the latest in `finish()`,
+    before the draft is exported. So lines appended after the seal, an edited seal or
+    another run's `state.json` are refused even if training needs fewer refs."""
+
     def __init__(self, reader: ManifestReader, timeout_s: float):
         self.num_samples = reader.header.num_samples
         self._follow = reader.follow(timeout_s)
         self._refs: dict[int, SampleRef] = {}
         self._where = reader.control_dir
+        self._sealed_checked = False
+        if reader.state().status == "sealed":
+            self.finish()
 
     def resolve(self, index: int) -> SampleRef:
         while index not in self._refs:
             try:
-                ref = next(self._follow)
+                self._add(next(self._follow))
             except StopIteration:
+                self._sealed_checked = True
                 raise ValueError(f"{self._where}: the sealed manifest has no sample with index {index} "
                                  f"(expected indices 0..{self.num_samples - 1})") from None
-            self._refs[ref.index] = ref
+        if len(self._refs) == self.num_samples:
+            self.finish()
         return self._refs[index]
+
+    def _add(self, ref: SampleRef) -> None:
+        if ref.index in self._refs:
+            raise ValueError(f"{self._where}: the manifest journals sample index {ref.index} twice")
+        self._refs[ref.index] = ref
+
+    def finish(self) -> None:
+        """Read the journal to the seal and check it (waits for the seal, as for refs)."""
+        if not self._sealed_checked:
+            for ref in self._follow:
+                self._add(ref)
+            self._sealed_checked = True
 
     @property
     def num_tokens(self) -> int:

@@ -84,6 +84,21 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+def check_same_run(ckpt: Path, meta: dict) -> None:
+    """Refuse to resume `ckpt` if it trained another run: other features (provenance,
+    data hash included) or another manifest run id. Names both values of each field."""
+    theirs = read_meta(ckpt)
+    ours_prov, their_prov = meta.get("provenance") or {}, theirs.get("provenance") or {}
+    diffs = [f"{k}: checkpoint has {their_prov.get(k)!r}, this run has {ours_prov.get(k)!r}"
+             for k in sorted(set(ours_prov) | set(their_prov))
+             if k != "producer_version" and ours_prov.get(k) != their_prov.get(k)]
+    if theirs.get("run_id") != meta.get("run_id"):
+        diffs.append(f"run_id: checkpoint has {theirs.get('run_id')!r}, this run has {meta.get('run_id')!r}")
+    if diffs:
+        raise ValueError(f"{ckpt}: checkpoint of another run; refusing to resume it (use a fresh "
+                         "train.output_dir):\n  " + "\n  ".join(diffs))
+
+
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(ckpt) / "model.safetensors"))
 

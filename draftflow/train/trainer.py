@@ -242,6 +242,7 @@ class Trainer:
         found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
         if not found:
             return 0
+        ckpt.check_same_run(found[-1], self.meta)
         if self.fsdp:
             return load_sharded_checkpoint(found[-1], self.loss_fn, self.optimizer, self.scheduler)
         return ckpt.load_checkpoint(found[-1], self.draft, self.optimizer, self.scheduler)
