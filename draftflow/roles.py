@@ -216,12 +216,18 @@ def run_id_for(provenance: Provenance, num_samples: int, draft_ids: list[int], r
 class PublishingStore:
     """The producer's view of the store: waits for room (consume-once back-pressure),
     puts, then journals the ref in the signed manifest. Refs become visible to
-    consumers only after their sample is durably published."""
+    consumers only after their sample is durably published. A sample a consumer
+    already trained (consume-once: journaled, with a signed done marker, data deleted)
+    counts as published, so a rerun never captures it again (nobody would consume it)."""
 
-    def __init__(self, store, writer: ManifestWriter, lease: ProducerLease):
-        self.store, self.writer, self.lease = store, writer, lease
+    def __init__(self, store, writer: ManifestWriter, lease: ProducerLease, done: ClaimBook | None):
+        self.store, self.writer, self.lease, self.done = store, writer, lease, done
 
     def lookup(self, sample_id: str, index: int):
+        if self.done is not None and self.done.is_done(sample_id):
+            ref = self.writer.journaled(sample_id)
+            if ref is not None:
+                return ref
         return self.store.lookup(sample_id, index)
 
     def put(self, sample_id: str, index: int, tensors):
@@ -255,8 +261,10 @@ def publishing_run(cfg: Config, secret: bytes, fill: StoreFill, draft_ids: list[
         except BaseException:
             store.close()
             raise
+        done = (ClaimBook(control_dir(cfg), default_owner(), cfg.features.claim_timeout_s, keys)
+                if release == "consume_once" else None)
         try:
-            yield PublishingStore(store, writer, lease)
+            yield PublishingStore(store, writer, lease, done)
             lease.check()
             writer.seal()
         except BaseException as e:

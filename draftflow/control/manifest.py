@@ -193,8 +193,9 @@ class _JournalCursor:
         self.offset, self.num_refs, self.last_mac = 0, 0, header_sig
 
     def iter_new(self) -> Iterator[SampleRef]:
-        """Yield refs of lines appended since the last call. A final line without its
-        newline is being written (or was torn by a crash) and is left for later."""
+        """Yield refs of lines appended since the last call (each line spans
+        [offset before it, `self.offset`)). A final line without its newline is being
+        written (or was torn by a crash) and is left for later."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
@@ -272,8 +273,13 @@ class ManifestWriter:
         self._secret = secret
         self.header, self._header_sig = self._open_header(header)
         self._cursor = _JournalCursor(self.control_dir / JOURNAL_FILE, secret, self._header_sig)
-        # sample id -> digest of its ref: enough to check a republish, small for big runs
-        self._published = {ref.sample_id: _digest(ref) for ref in self._cursor.iter_new()}
+        # sample id -> (digest of its ref, offset of its line): enough to check a republish
+        # and to read the ref back (`journaled`), small for big runs
+        self._published: dict[str, tuple[bytes, int]] = {}
+        start = 0
+        for ref in self._cursor.iter_new():
+            self._published[ref.sample_id] = (_digest(ref), start)
+            start = self._cursor.offset
         self.truncated_bytes = self._cut_torn_tail()
         found = _read_state(self.control_dir, secret, self._header_sig)
         self._sealed = found is not None and found[0].status == "sealed"
@@ -312,6 +318,25 @@ class ManifestWriter:
     def published_ids(self) -> frozenset[str]:
         return frozenset(self._published)
 
+    def journaled(self, sample_id: str) -> SampleRef | None:
+        """The ref journaled for `sample_id`, read back from its line (checked against the
+        digest kept when it was verified or written), or None."""
+        known = self._published.get(sample_id)
+        if known is None:
+            return None
+        digest, offset = known
+        with open(self._cursor.path, "rb") as f:
+            f.seek(offset)
+            line = f.readline()
+        try:
+            ref = SampleRef.from_dict(json.loads(line)["ref"])
+        except (ValueError, KeyError, TypeError):
+            ref = None
+        if ref is None or _digest(ref) != digest:
+            raise TamperedManifestError(f"{self._cursor.path}: the line of {sample_id!r} changed after it was "
+                                        "verified (journal tampered)")
+        return ref
+
     @property
     def num_refs(self) -> int:
         return self._cursor.num_refs
@@ -320,7 +345,7 @@ class ManifestWriter:
         """Append one ref (fsync'd). Republishing an identical ref is a no-op."""
         known = self._published.get(ref.sample_id)
         if known is not None:
-            if known != _digest(ref):
+            if known[0] != _digest(ref):
                 raise ManifestError(f"sample {ref.sample_id!r} was already published with a different ref "
                                     "(index, location, shapes or checksums); the store changed under the run")
             return
@@ -338,10 +363,10 @@ class ManifestWriter:
             self._journal.write(line)
             self._journal.flush()
             os.fsync(self._journal.fileno())
+        self._published[ref.sample_id] = (_digest(ref), self._cursor.offset)
         self._cursor.offset += len(line)
         self._cursor.num_refs += 1
         self._cursor.last_mac = mac
-        self._published[ref.sample_id] = _digest(ref)
 
     def seal(self) -> None:
         """Mark the run complete; refuses if fewer refs than planned (no silent tail drop)."""
