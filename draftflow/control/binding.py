@@ -45,6 +45,7 @@ from draftflow.records import Provenance, SampleRef, assert_no_tensors
 STORE_FILE = "store.json"
 ROOT_KEY_FILE = "store.key"
 STORE_RECORD_VERSION = 1
+DONE_MARKER_VERSION = 1
 RECAPTURE = "use a new features.root, or remove this one's features with `draftflow store gc --what all`"
 
 
@@ -73,15 +74,17 @@ class RunKeys:
         return bool(ref.mac) and hmac.compare_digest(self._ref_mac(ref), ref.mac)
 
     def done_marker(self, sample_id: str, gen: int, owner: str) -> bytes:
-        payload = {"sample_id": sample_id, "gen": gen, "owner": owner, "store": self.store_id}
+        payload = {"format_version": DONE_MARKER_VERSION, "sample_id": sample_id, "gen": gen, "owner": owner,
+                   "store": self.store_id}
         return canonical_json({"done": payload, "mac": sign(payload, self._done)})
 
     def done_marker_ok(self, sample_id: str, raw: bytes) -> bool:
+        """True for a marker this run wrote for `sample_id` in this store (in this format)."""
         try:
             doc = json.loads(raw)
             payload = doc["done"]
-            return (payload["sample_id"] == sample_id and payload["store"] == self.store_id
-                    and verify(payload, doc["mac"], self._done))
+            return (payload["format_version"] == DONE_MARKER_VERSION and payload["sample_id"] == sample_id
+                    and payload["store"] == self.store_id and verify(payload, doc["mac"], self._done))
         except (ValueError, KeyError, TypeError):
             return False
 
