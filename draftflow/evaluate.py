@@ -194,7 +194,13 @@ def heldout_prompts(cfg, num_prompts: int) -> EvalPrompts:
 
 
 def summarize(generations: list[Generation], baselines: list[list[int]], depth: int) -> dict:
-    """Acceptance figures of speculative runs, checked against plain greedy outputs."""
+    """Acceptance figures of speculative runs, checked against plain greedy outputs.
+
+    `per_depth` is conditional: of the rounds that drafted j tokens and accepted the first
+    j-1, the share that accepted the j-th. `accepted_per_pos` is unconditional (vLLM's
+    `spec_decode_num_accepted_tokens_per_pos`): the number of rounds whose j-th drafted
+    token was accepted; `drafted_per_pos` the number of rounds that drafted a j-th token.
+    """
     rounds = [r for g in generations for r in g.rounds]
     produced = sum(r.produced for r in rounds)
     per_depth = []
@@ -209,6 +215,8 @@ def summarize(generations: list[Generation], baselines: list[list[int]], depth: 
         "tau": produced / len(rounds) if rounds else None,
         "per_depth": per_depth,
         "mean_accepted": sum(r.accepted for r in rounds) / len(rounds) if rounds else None,
+        "accepted_per_pos": [sum(r.accepted >= j for r in rounds) for j in range(1, depth + 1)],
+        "drafted_per_pos": [sum(r.drafted >= j for r in rounds) for j in range(1, depth + 1)],
         "rounds": len(rounds),
         "target_forwards": target_forwards,
         "baseline_forwards": baseline_forwards,
@@ -220,9 +228,12 @@ def summarize(generations: list[Generation], baselines: list[list[int]], depth: 
 
 
 def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_new_tokens: int = 64,
-                    num_prompts: int = 16) -> dict[str, dict]:
+                    num_prompts: int = 16, per_prompt: bool = False) -> dict[str, dict]:
     """Evaluate several drafts of one target on the same held-out prompts; the target,
-    the prompts and the plain greedy baseline are loaded and computed once."""
+    the prompts and the plain greedy baseline are loaded and computed once.
+
+    `per_prompt` adds each prompt's output tokens and rounds ([drafted, accepted] per
+    verify forward), for a comparison with a serving engine (engines/vllm.py)."""
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, resolve_aux_layer_ids, target_eos_ids
 
@@ -243,7 +254,7 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
     baseline_s = time.perf_counter() - start
     settings = {"target": target.identity, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "depth": depth, "max_new_tokens": max_new_tokens, "num_prompts": len(data.prompts),
-                "aux_layer_ids": aux_ids, "baseline_wall_s": baseline_s,
+                "aux_layer_ids": aux_ids, "eos_ids": eos_ids, "baseline_wall_s": baseline_s,
                 "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus)"}
     results = {}
     for name, draft in drafts.items():
@@ -252,13 +263,16 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
                 for p in data.prompts]
         results[name] = {"draft": str(draft_dirs[name]), **summarize(gens, baselines, depth), **settings,
                          "wall_s": time.perf_counter() - start}
+        if per_prompt:
+            results[name]["per_prompt"] = [{"tokens": g.tokens, "rounds": [[r.drafted, r.accepted] for r in g.rounds]}
+                                           for g in gens]
     return results
 
 
 def evaluate(cfg, draft_dir: str | Path, depth: int = 5, max_new_tokens: int = 64,
-             num_prompts: int = 16) -> dict:
+             num_prompts: int = 16, per_prompt: bool = False) -> dict:
     """Acceptance length `tau` and losslessness of one exported draft (see the module doc)."""
-    return evaluate_drafts(cfg, {"draft": draft_dir}, depth, max_new_tokens, num_prompts)["draft"]
+    return evaluate_drafts(cfg, {"draft": draft_dir}, depth, max_new_tokens, num_prompts, per_prompt)["draft"]
 
 
 def write_json(result: dict, path: str | Path) -> Path:
