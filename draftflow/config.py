@@ -111,6 +111,10 @@ class DraftConfig:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     max_position_embeddings: int | None = None
+    # EAGLE-3.1 switches (both engines honour them): an RMSNorm over the aux features
+    # before fc, and the normed hidden state fed to the next draft step.
+    norm_before_fc: bool = False
+    norm_output: bool = False
 
 
 RECOMPUTE_MODES = ("auto", "always", "never")  # train.recompute

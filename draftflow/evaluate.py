@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -88,10 +89,24 @@ def read_draft_config(path: Path) -> DraftModelConfig:
         return value
 
     eagle = need("eagle_config", dict)
-    aux_ids = need("eagle_aux_hidden_state_layer_ids", list, eagle, "eagle_config.")
-    if len(aux_ids) != 3 or not all(isinstance(i, int) and not isinstance(i, bool) for i in aux_ids):
-        raise ValueError(f"draft config {path}: eagle_config.eagle_aux_hidden_state_layer_ids is "
-                         f"{aux_ids!r}, expected 3 layer ids")
+    # The trained layer outputs: vLLM's top-level key holds layer inputs (outputs + 1,
+    # see export.py); drafts exported without it hold outputs in eagle_config's.
+    if "eagle_aux_hidden_state_layer_ids" in raw:
+        key, ids, shift = "eagle_aux_hidden_state_layer_ids", raw["eagle_aux_hidden_state_layer_ids"], 1
+    else:
+        key, ids, shift = "eagle_config.eagle_aux_hidden_state_layer_ids", need(
+            "eagle_aux_hidden_state_layer_ids", list, eagle, "eagle_config."), 0
+    if (not isinstance(ids, list) or len(ids) != 3
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i - shift >= 0 for i in ids)):
+        raise ValueError(f"draft config {path}: {key} is {ids!r}, expected 3 layer ids"
+                         + (" of 1 or more (layer inputs)" if shift else ""))
+    aux_ids = [i - shift for i in ids]
+    flags = {}
+    for flag, value in (("norm_before_fc", eagle.get("norm_before_fc", raw.get("norm_before_fc", False))),
+                        ("norm_output", raw.get("norm_output", False))):
+        if not isinstance(value, bool):
+            raise ValueError(f"draft config {path}: {flag} is {value!r}, expected true or false")
+        flags[flag] = value
     hidden, heads = need("hidden_size", int), need("num_attention_heads", int)
     scaling = raw.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
@@ -104,7 +119,7 @@ def read_draft_config(path: Path) -> DraftModelConfig:
         draft_vocab_size=need("draft_vocab_size", int),
         target_hidden_size=raw.get("target_hidden_size") or hidden,
         rms_norm_eps=float(need("rms_norm_eps", (int, float))), rope_parameters=rope,
-        max_position_embeddings=need("max_position_embeddings", int), aux_layer_ids=tuple(aux_ids))
+        max_position_embeddings=need("max_position_embeddings", int), aux_layer_ids=tuple(aux_ids), **flags)
 
 
 def _check_fits_target(path: Path, cfg: DraftModelConfig, vocab: int, hidden: int,
@@ -117,25 +132,26 @@ def _check_fits_target(path: Path, cfg: DraftModelConfig, vocab: int, hidden: in
             raise ValueError(f"draft config {path}: {key}={getattr(cfg, key)}, but the target's "
                              f"hidden size is {hidden}; this draft was trained for another target")
     if aux_layer_ids is not None and list(cfg.aux_layer_ids) != list(aux_layer_ids):
-        raise ValueError(f"draft config {path}: eagle_config.eagle_aux_hidden_state_layer_ids="
+        raise ValueError(f"draft config {path}: trained on the outputs of layers "
                          f"{list(cfg.aux_layer_ids)}, but the target's aux layers are "
                          f"{list(aux_layer_ids)} (target.aux_layer_ids or the EAGLE3 default); "
                          "the draft would read features of the wrong layers")
 
 
 def _read_draft_tensors(path: Path, draft: Eagle3Draft) -> dict[str, torch.Tensor]:
-    from draftflow.export import EXPORT_NAMES
+    from draftflow.export import export_names
 
-    expected = {name: t for name, t in draft.state_dict().items() if name in EXPORT_NAMES}
+    served = export_names(draft.cfg)
+    expected = {name: t for name, t in draft.state_dict().items() if name in served}
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
-            missing = [n for n in EXPORT_NAMES if n not in names]
-            unknown = sorted(names - set(EXPORT_NAMES))
+            missing = [n for n in served if n not in names]
+            unknown = sorted(names - set(served))
             if missing or unknown:
                 raise ValueError(f"draft weights {path}: missing tensors {missing}, unknown tensors "
-                                 f"{unknown}; expected exactly {list(EXPORT_NAMES)}")
-            state = {name: f.get_tensor(name) for name in EXPORT_NAMES}
+                                 f"{unknown}; expected exactly {list(served)}")
+            state = {name: f.get_tensor(name) for name in served}
     except FileNotFoundError:
         raise ValueError(f"draft {path.parent}: no model.safetensors") from None
     except (OSError, SafetensorError) as e:
@@ -246,6 +262,7 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
         dtype = torch.float32  # exact greedy agreement; bf16 diverges on near-ties (module doc)
     target = load_target(cfg.target, device, dtype)
     aux_ids = resolve_aux_layer_ids(cfg.target, target.config.num_hidden_layers)
+    check_cards(cfg, target, aux_ids, draft_dirs)
     eos_ids = sorted(set(data.eos_ids) | target_eos_ids(target.config))
     embed = target.model.get_input_embeddings().weight
     drafts = {name: load_exported_draft(d, embed, aux_ids).to(device) for name, d in draft_dirs.items()}
@@ -266,7 +283,32 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
         if per_prompt:
             results[name]["per_prompt"] = [{"tokens": g.tokens, "rounds": [[r.drafted, r.accepted] for r in g.rounds]}
                                            for g in gens]
+        record_on_card(draft_dirs[name], results[name])
     return results
+
+
+def check_cards(cfg, target, aux_ids, draft_dirs: dict[str, str | Path]) -> None:
+    """Refuse drafts whose card names another target, tokenizer, template or layers."""
+    from draftflow.card import chat_template_hash, check_card, read_card
+    from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
+    from draftflow.roles import tokenizer_spec
+
+    tok = load_tokenizer(tokenizer_spec(cfg))
+    for d in draft_dirs.values():
+        check_card(read_card(d), d, config_hash=target.config_hash, tokenizer_hash=tokenizer_hash(tok),
+                   chat_template=chat_template_hash(tok), aux_layer_ids=aux_ids)
+
+
+def record_on_card(draft_dir: str | Path, result: dict, engine: str = "draftflow") -> None:
+    """Keep the headline figures of an evaluation on the draft's card."""
+    from draftflow.card import record_evaluation
+
+    keys = ("tau", "per_depth", "lossless", "depth", "max_new_tokens", "num_prompts", "dtype", "device", "machine")
+    try:
+        record_evaluation(draft_dir, {"engine": engine, **{k: result.get(k) for k in keys}})
+    except OSError as e:  # a read-only draft folder: the evaluation still stands
+        logging.getLogger("draftflow.evaluate").warning("could not record the evaluation on %s's card: %s",
+                                                        draft_dir, e)
 
 
 def evaluate(cfg, draft_dir: str | Path, depth: int = 5, max_new_tokens: int = 64,
@@ -319,6 +361,7 @@ def export_initial_draft(cfg, checkpoint_dir: str | Path, out_dir: str | Path) -
     """Export the draft a run started from (step 0: same config, vocab and seed as the
     checkpoint's run), to measure what training bought."""
     from draftflow.capture.target import load_target_head
+    from draftflow.card import build_card
     from draftflow.export import export_draft
     from draftflow.train import checkpoint as ckpt
     from draftflow.train.trainer import TargetHead, build_draft
@@ -328,7 +371,7 @@ def export_initial_draft(cfg, checkpoint_dir: str | Path, out_dir: str | Path) -
     embed, lm_head, hf_config = load_target_head(cfg.target)
     head = TargetHead(embed_weight=embed, lm_head_weight=lm_head, hf_config=hf_config)
     draft = build_draft(model_cfg, head, meta["draft_ids"], cfg.train.seed)
-    return export_draft(draft.state_dict(), model_cfg, out_dir)
+    return export_draft(draft.state_dict(), model_cfg, out_dir, card=build_card({**meta, "step": 0}, None))
 
 
 def evaluate_before_after(cfg, run, depth: int = 5, max_new_tokens: int = 64, num_prompts: int = 16) -> dict:

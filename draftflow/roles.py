@@ -35,7 +35,8 @@ from draftflow.control.signing import load_secret
 from draftflow.control.sources import ClaimingRefSource, ManifestRefSource
 from draftflow.data.prepare import PreparedData, data_hash, prepare_dataset
 from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
-from draftflow.export import export_draft
+from draftflow.card import card_from_checkpoint, target_section
+from draftflow.export import export_draft, serving_layer_warnings
 from draftflow.records import Provenance
 from draftflow.stores import StoreError, build_store
 from draftflow.stores.shared_dir import resolve_release
@@ -99,6 +100,8 @@ def target_hf_config(cfg: Config):
 
 def build_provenance(cfg: Config, hf_config, aux_ids: list[int], tokenizer_hash_: str, data_hash_: str
                      ) -> Provenance:
+    for warning in serving_layer_warnings(aux_ids, getattr(hf_config, "model_type", None)):
+        log.warning(warning)
     return Provenance(target=target_identity(cfg.target), target_config_hash=config_hash(hf_config),
                       tokenizer_hash=tokenizer_hash_, hidden_size=hf_config.hidden_size,
                       vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),
@@ -134,8 +137,9 @@ def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store
         raise ValueError(f"features have hidden size {provenance.hidden_size} but the target config "
                          f"gives {hidden}")
     model_cfg = build_draft_config(cfg, head.hf_config, aux_ids, len(draft_ids))
+    facts = target_section(head.hf_config, provenance.to_dict(), load_tokenizer(tokenizer_spec(cfg)))
     trainer = Trainer(cfg, model_cfg, head, draft_ids, store, source, dist,
-                      extra_meta={"provenance": provenance.to_dict(), "run_id": run_id})
+                      extra_meta={"provenance": provenance.to_dict(), "run_id": run_id, "card": facts})
     last = trainer.fit(stop_after=stop_after)
     finish = getattr(source, "finish", None)  # a manifest source checks the seal before the export
     if finish is not None and stop_after is None:
@@ -143,7 +147,8 @@ def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store
     out = Path(cfg.train.output_dir)
     final = None
     if dist.is_main and last is not None and stop_after is None:
-        final = export_draft(ckpt.load_model_state(last), model_cfg, out / "final")
+        final = export_draft(ckpt.load_model_state(last), model_cfg, out / "final",
+                             card=card_from_checkpoint(last, ckpt.read_meta(last)))
     return RunResult(output_dir=out, final_dir=final, checkpoint=last,
                      num_samples=source.num_samples, num_tokens=source.num_tokens)
 

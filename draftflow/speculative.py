@@ -104,7 +104,7 @@ class Eagle3Proposer:
         p, m = self.num_verified, len(next_ids)
         ids = torch.tensor([next_ids], dtype=torch.int64, device=self.device)
         positions = torch.arange(p, p + m, device=self.device)[None]
-        hidden = decode_step(self.draft, ids, aux_bta.to(self.device, self.dtype), positions, self.cache)
+        hidden = decode_step(self.draft, ids, self.draft.project_aux(aux_bta.to(self.device)), positions, self.cache)
         self.last_hidden, self.num_verified = hidden[:, -1:], p + m
 
     def propose(self, depth: int) -> list[int]:
@@ -115,7 +115,7 @@ class Eagle3Proposer:
                 # Drafted token k sits right after the previous one: position p + k.
                 ids = torch.tensor([[tokens[-1]]], dtype=torch.int64, device=self.device)
                 position = torch.tensor([[self.num_verified + k]], device=self.device)
-                hidden = decode_step(self.draft, ids, hidden, position, self.cache)
+                hidden = decode_step(self.draft, ids, self.draft.carry(hidden), position, self.cache)
         return tokens
 
     def _target_id(self, hidden_b1h: torch.Tensor) -> int:

@@ -25,7 +25,8 @@ def test_tiny_example_trains_and_exports_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DraftFlow run summary" in proc.stdout
     metrics = read_metrics(out / "metrics.jsonl")
-    assert {"step", "loss", "lr", "acc_0", "ploss_0", "accept_0"} <= metrics[0].keys()
+    assert {"step", "loss", "lr", "acc_0", "acc_in_vocab_0", "ploss_0", "accept_0", "loss_tokens"} <= metrics[0].keys()
+    assert all(m["acc_0"] <= m["acc_in_vocab_0"] for m in metrics)
     first, last = metrics[0]["loss"], metrics[-1]["loss"]
     assert last < first * 0.9, (first, last)
     with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:
@@ -49,6 +50,21 @@ def test_tiny_example_trains_and_exports_through_the_cli(tmp_path):
     result = json.loads((tmp_path / "tau.json").read_text())
     assert result["lossless"] is True and result["tau"] >= 1.0
     assert len(result["per_depth"]) == result["depth"] == 5
+
+    # the draft card: what it was trained for, and the evaluation just run on it
+    card = json.loads((out / "final" / "draftflow.json").read_text())
+    assert card["layers"]["trained_outputs"] == [1, 3, 4] and card["layers"]["as_layer_inputs"] == [2, 4, 5]
+    assert card["target"]["model_type"] == "llama" and card["training"]["final_metrics"]["step"] == metrics[-1]["step"]
+    assert [e["tau"] for e in card["evaluations"]] == [result["tau"]]
+    exported_card = json.loads((tmp_path / "exported" / "draftflow.json").read_text())
+    assert exported_card["target"] == card["target"] and exported_card["tokenizer"] == card["tokenizer"]
+
+    # ... which evaluate checks against the target it is given
+    proc = subprocess.run([sys.executable, "-m", "draftflow", "evaluate", "-c", TINY, f"features.root={feat}",
+                           "target.random.intermediate_size=96", "--draft", str(out / "final"),
+                           "--num-prompts", "1", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 2 and "draftflow.json: target.config_hash is" in proc.stderr, proc.stderr[-2000:]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -224,11 +224,26 @@ def test_draft_with_wrong_tensor_shape_is_refused(draft_dir, target, tmp_path):
 
 def test_draft_for_other_aux_layers_is_refused(draft_dir, target, tmp_path):
     def other_layers(raw):
-        raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [2, 3, 4]
+        raw["eagle_aux_hidden_state_layer_ids"] = [3, 4, 5]  # vLLM's key: layer inputs
         return raw
     bad = copy_draft(draft_dir, tmp_path / "d", config=other_layers)
-    with pytest.raises(ValueError, match=r"eagle_aux_hidden_state_layer_ids=\[2, 3, 4\].*\[1, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"outputs of layers \[2, 3, 4\].*aux layers are \[1, 3, 4\]"):
         load_exported_draft(bad, embed_of(target), AUX)
+
+
+def test_exported_layer_ids_are_read_in_each_convention(draft_dir, tmp_path):
+    """vLLM's top-level key holds layer inputs (trained outputs + 1); a draft exported
+    before it existed holds outputs in eagle_config only, and reads back the same."""
+    raw = json.loads((draft_dir / "config.json").read_text())
+    assert raw["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    assert raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX  # SGLang, Llama: outputs
+    assert list(read_draft_config(draft_dir / "config.json").aux_layer_ids) == AUX
+    old = copy_draft(draft_dir, tmp_path / "old", config=lambda r: {k: v for k, v in r.items()
+                                                                     if k != "eagle_aux_hidden_state_layer_ids"})
+    assert list(read_draft_config(old / "config.json").aux_layer_ids) == AUX
+    bad = copy_draft(draft_dir, tmp_path / "bad", config=lambda r: {**r, "eagle_aux_hidden_state_layer_ids": [0, 4, 5]})
+    with pytest.raises(ValueError, match=r"eagle_aux_hidden_state_layer_ids is \[0, 4, 5\], expected 3 layer ids of 1"):
+        read_draft_config(bad / "config.json")
 
 
 def test_draft_for_other_target_vocab_is_refused(draft_dir, target, tmp_path):
@@ -238,7 +253,8 @@ def test_draft_for_other_target_vocab_is_refused(draft_dir, target, tmp_path):
 
 
 def test_draft_config_without_aux_layers_is_refused(draft_dir, target, tmp_path):
-    bad = copy_draft(draft_dir, tmp_path / "d", config=lambda raw: {**raw, "eagle_config": {}})
+    bad = copy_draft(draft_dir, tmp_path / "d", config=lambda raw: {
+        **{k: v for k, v in raw.items() if k != "eagle_aux_hidden_state_layer_ids"}, "eagle_config": {}})
     with pytest.raises(ValueError, match="config.json: eagle_config.eagle_aux_hidden_state_layer_ids is None"):
         load_exported_draft(bad, embed_of(target), AUX)
 
@@ -268,3 +284,23 @@ def test_prompts_end_with_the_assistant_header(cfg):
     tok = load_tokenizer("builtin:bytes-chatml")
     for prompt in heldout_prompts(cfg, 3).prompts:
         assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_draft_card_mismatch_is_refused_naming_the_field(draft_dir, tmp_path, caplog):
+    from draftflow.card import check_card, read_card
+
+    card = {"format": "draftflow-draft-card", "version": 1, "target": {"config_hash": "sha256:a"},
+            "tokenizer": {"hash": "xxh3_128:t", "chat_template_hash": "xxh3_128:c"},
+            "layers": {"trained_outputs": AUX}}
+    ok = dict(config_hash="sha256:a", tokenizer_hash="xxh3_128:t", chat_template="xxh3_128:c", aux_layer_ids=AUX)
+    check_card(card, draft_dir, **ok)
+    for field, change in (("target.config_hash", {"config_hash": "sha256:b"}),
+                          ("tokenizer.hash", {"tokenizer_hash": "xxh3_128:u"}),
+                          ("tokenizer.chat_template_hash", {"chat_template": None}),
+                          ("layers.trained_outputs", {"aux_layer_ids": [1, 2, 4]})):
+        with pytest.raises(ValueError, match=f"draftflow.json: {field} is .* but the target given to evaluate"):
+            check_card(card, draft_dir, **{**ok, **change})
+    assert read_card(draft_dir) is None and "has no draftflow.json" in caplog.text  # older exports: warn, go on
+    (tmp_path / "draftflow.json").write_text(json.dumps({**card, "version": 9}))
+    with pytest.raises(ValueError, match="version 9 is not supported"):
+        read_card(tmp_path)

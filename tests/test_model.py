@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from draftflow.export import EXPORT_NAMES, export_draft
+from draftflow.evaluate import read_draft_config
+from draftflow.export import (EXPORT_NAMES, export_draft, serving_config, serving_layer_warnings,
+                              sglang_layer_ids)
 from draftflow.train.model import DraftCache, DraftModelConfig, Eagle3Draft, decode_step
 from draftflow.train.vocab import build_draft_vocab, vocab_maps
 
@@ -29,23 +31,24 @@ def make_draft(seed=0, **kw) -> Eagle3Draft:
     return d.double()
 
 
-def test_chain_decoding_matches_ttt_training_forward():
+@pytest.mark.parametrize("norm_before_fc,norm_output", [(False, False), (True, False), (False, True), (True, True)])
+def test_chain_decoding_matches_ttt_training_forward(norm_before_fc, norm_output):
     """Drafting k tokens with a KV cache (as when serving) gives the same hidden
     states as TTT step k at the same position: the training semantics are the
-    serving semantics."""
-    draft = make_draft()
+    serving semantics, with and without the EAGLE-3.1 switches."""
+    draft = make_draft(norm_before_fc=norm_before_fc, norm_output=norm_output)
     T, K = 9, 4
     ids = torch.randint(0, 50, (1, T))
     aux = torch.randn(1, T, 96, dtype=torch.float64)
     hiddens = dict(draft.unroll(ids, aux, K))  # ids here stand for "token t+1" at position t
     for t in range(T - K):
         cache = DraftCache()
-        h = decode_step(draft, ids[:, : t + 1], aux[:, : t + 1], torch.arange(t + 1)[None], cache)
+        h = decode_step(draft, ids[:, : t + 1], draft.project_aux(aux[:, : t + 1]), torch.arange(t + 1)[None], cache)
         assert torch.allclose(h[:, t], hiddens[0][:, t], atol=1e-10)
         h_prev = h[:, t : t + 1]
         for k in range(1, K):
             # the token fed at step k is the one TTT feeds at position t: ids[t + k]
-            h_prev = decode_step(draft, ids[:, t + k : t + k + 1], h_prev, torch.tensor([[t + k]]), cache)
+            h_prev = decode_step(draft, ids[:, t + k : t + k + 1], draft.carry(h_prev), torch.tensor([[t + k]]), cache)
             assert torch.allclose(h_prev[:, 0], hiddens[k][:, t], atol=1e-10), (t, k)
 
 
@@ -93,7 +96,45 @@ def test_export_writes_exact_serving_names_and_config(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
     assert cfg["num_hidden_layers"] == 1 and cfg["tie_word_embeddings"] is False
     assert cfg["draft_vocab_size"] == 20 and cfg["vocab_size"] == 50
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]  # vLLM: inputs of the next layers
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]  # SGLang (Llama): outputs
+    assert cfg["norm_output"] is False and cfg["eagle_config"]["norm_before_fc"] is False
+
+
+def test_sglang_layer_ids_follow_the_target_family():
+    """SGLang 0.5.23 reads most families' ids as layer outputs; DeepSeek-V2/V3 and
+    GLM-4-MoE-Lite as outputs only when the first id is 1, as layer inputs otherwise."""
+    assert sglang_layer_ids([0, 3, 4], "llama") == [0, 3, 4]
+    assert sglang_layer_ids([1, 14, 26], "qwen3") == [1, 14, 26]
+    assert sglang_layer_ids([1, 14, 26], "deepseek_v3") == [1, 14, 26]  # first id 1: outputs, as is
+    assert sglang_layer_ids([2, 14, 26], "deepseek_v3") == [3, 15, 27]  # inputs of the next layers
+    assert serving_layer_warnings([1, 3, 4], "deepseek_v3") == []
+    assert serving_layer_warnings([0, 3, 4], "llama") == []
+    (warning,) = serving_layer_warnings([0, 3, 4], "glm4_moe_lite")
+    assert "SGLang" in warning and "first layer of 1 or more" in warning
+    cfg = serving_config(tiny_cfg(aux_layer_ids=(2, 5, 9)), target_model_type="deepseek_v2")
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [3, 6, 10]
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [3, 6, 10]
+
+
+def test_export_of_eagle31_draft_carries_its_switches(tmp_path):
+    """norm_before_fc exports `input_norm.weight` (both engines' name) and both switches
+    in config.json; the folder reads back as the same draft, and the switches change
+    what the draft computes."""
+    draft = make_draft(norm_before_fc=True, norm_output=True)
+    out = export_draft(draft.state_dict(), draft.cfg, tmp_path / "final", dtype=torch.float32)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(EXPORT_NAMES) | {"input_norm.weight"}
+        assert torch.equal(f.get_tensor("input_norm.weight"), draft.input_norm.weight.float())
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["norm_output"] is True and raw["eagle_config"]["norm_before_fc"] is True
+    assert read_draft_config(out / "config.json") == draft.cfg
+    ids, aux = torch.randint(0, 50, (1, 6)), torch.randn(1, 6, 96, dtype=torch.float64)
+    plain = Eagle3Draft(tiny_cfg()).double()  # the same weights without the switches
+    plain.load_state_dict({k: v for k, v in draft.state_dict().items() if k != "input_norm.weight"})
+    with torch.no_grad():
+        h31, h = dict(draft.unroll(ids, aux, 2)), dict(plain.unroll(ids, aux, 2))
+    assert not torch.allclose(h31[1], h[1])
 
 
 def test_export_refuses_incomplete_state(tmp_path):

@@ -85,16 +85,23 @@ def test_row_gathered_loss_equals_the_dense_masked_definition():
     draft.zero_grad()
     dense = teacher(batch.last_hidden)  # [B, T, ...] at every position
     ids_next = torch.nn.functional.pad(batch.input_ids[:, 1:], (0, 1))
-    ref, counts = torch.zeros(()), []
+    ref, counts, loss_rows, hits = torch.zeros(()), [], [], []
     for k, hidden in draft.unroll(ids_next, batch.aux_hidden, steps):
         log_q = torch.log_softmax(draft.logits(hidden).float(), -1)  # as the head: float32 log-probs
+        rows = [(b, t) for b in range(3) for t in range(int(batch.lengths[b]))
+                if t + 2 + k < batch.lengths[b] and batch.loss_mask[b, t + 2 + k]]
         terms = [-(dense.log_probs[b, t + 1 + k].exp() * log_q[b, t]).sum()
-                 for b in range(3) for t in range(int(batch.lengths[b]))
-                 if t + 2 + k < batch.lengths[b] and batch.loss_mask[b, t + 2 + k] and dense.valid[b, t + 1 + k]]
+                 for b, t in rows if dense.valid[b, t + 1 + k]]
         counts.append(len(terms))
         ref = ref + decay ** k * torch.stack(terms).sum() / len(terms)
+        # acc_k as SpecForge defines it: hits over every loss position, the ones whose
+        # target argmax the draft vocab cannot express included (draft id = target id here)
+        loss_rows.append(len(rows))
+        hits.append(sum(int(log_q[b, t].argmax() == dense.argmax[b, t + 1 + k]) for b, t in rows))
     ref.backward()
     assert counts == x.counts().tolist() and 0 < counts[-1] < counts[0]
+    assert x.counts_all().tolist() == loss_rows and all(c < r for c, r in zip(counts, loss_rows))
+    assert [int(sums[f"acc_{k}"]) for k in range(steps)] == hits
     assert torch.allclose(loss, ref, rtol=1e-6)
     for name, g in grads.items():
         assert torch.allclose(g, draft.get_parameter(name).grad, rtol=1e-5, atol=1e-8), name

@@ -44,6 +44,11 @@ class LossInputs:
         """Positions each unroll step learns at, float [num_steps] (on the device)."""
         return torch.stack([v.sum() for v in self.valid]).float()
 
+    def counts_all(self) -> torch.Tensor:
+        """Loss positions of each unroll step, also those whose teacher argmax lies
+        outside the draft vocab (SpecForge's acc denominator), float [num_steps]."""
+        return torch.tensor([float(d.numel()) for d in self.rows.draft], device=self.valid[0].device)
+
 
 def loss_inputs(teacher: Teacher, batch, num_steps: int, chunk: int = CHUNK_ROWS) -> LossInputs:
     """Rows from the batch's mask and lengths (read on the host: no device sync), then

@@ -34,7 +34,12 @@ class DraftModelConfig:
     rms_norm_eps: float
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     max_position_embeddings: int
-    aux_layer_ids: tuple[int, ...]
+    aux_layer_ids: tuple[int, ...]  # target decoder layers whose OUTPUTS the draft reads (from 0)
+    # EAGLE-3.1 switches, honoured by vLLM and SGLang (export writes them): an RMSNorm
+    # over the concatenated aux features before `fc`, and feeding the next draft step
+    # the normed (post-`norm`) hidden state instead of the pre-norm one.
+    norm_before_fc: bool = False
+    norm_output: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -155,6 +160,8 @@ class Eagle3Draft(nn.Module):
         # The target's embedding, frozen; loaded from the target, never exported.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
+        # Holds no random state (ones), so enabling it leaves every other init unchanged.
+        self.input_norm = RMSNorm(3 * cfg.target_hidden_size, cfg.rms_norm_eps) if cfg.norm_before_fc else None
         self.fc = nn.Linear(3 * cfg.target_hidden_size, cfg.hidden_size, bias=False)
         self.midlayer = MidLayer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -171,6 +178,18 @@ class Eagle3Draft(nn.Module):
 
     def logits(self, hidden_bth: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden_bth))
+
+    def project_aux(self, aux_bta: torch.Tensor) -> torch.Tensor:
+        """The target's aux features [.., 3H] -> the draft's step-0 hidden state [.., H]."""
+        aux_bta = aux_bta.to(self.fc.weight.dtype)
+        if self.input_norm is not None:
+            aux_bta = self.input_norm(aux_bta)
+        return self.fc(aux_bta)
+
+    def carry(self, hidden_bth: torch.Tensor) -> torch.Tensor:
+        """What the next draft step is fed of this step's output: the pre-norm hidden
+        state (EAGLE3), or the normed one under `norm_output` (EAGLE-3.1)."""
+        return self.norm(hidden_bth) if self.cfg.norm_output else hidden_bth
 
     def unroll(self, input_ids_bt: torch.Tensor, aux_bta: torch.Tensor, num_steps: int, recompute: bool = False,
                layer=None, merge: Merge = EAGER_MERGE):
@@ -193,7 +212,7 @@ class Eagle3Draft(nn.Module):
             qkv = functools.partial(checkpoint, qkv, use_reentrant=False)
             finish = functools.partial(checkpoint, finish, use_reentrant=False)
         b, t = input_ids_bt.shape
-        hidden = self.fc(aux_bta.to(self.fc.weight.dtype))
+        hidden = self.project_aux(aux_bta)
         positions = torch.arange(t, device=input_ids_bt.device).expand(b, t)
         keys, values = [], []
         for k in range(num_steps):
@@ -206,8 +225,9 @@ class Eagle3Draft(nn.Module):
             keys.append(key)
             values.append(value)
             attn = self.midlayer.self_attn.attend_ttt(q, keys, values, merge)
-            hidden = finish(hidden, attn)
-            yield k, hidden
+            out = finish(hidden, attn)
+            yield k, out
+            hidden = self.carry(out)
 
 
 class DraftCache:
@@ -236,10 +256,10 @@ def decode_step(draft: Eagle3Draft, ids_bt: torch.Tensor, hidden_in: torch.Tenso
     """One draft forward over new entries, attending to the cache and causally among
     themselves; returns the pre-norm hidden states [B, n, H] and extends the cache.
 
-    `hidden_in` is the target's aux features [B, n, 3H] when extending verified
-    positions, or the draft's own previous hidden state [B, 1, H] when drafting.
+    `hidden_in` [B, n, H] is `draft.project_aux(aux)` when extending verified
+    positions, or `draft.carry(previous output)` [B, 1, H] when drafting.
     """
-    hidden = draft.fc(hidden_in) if hidden_in.shape[-1] != draft.cfg.hidden_size else hidden_in
+    hidden = hidden_in
     embed = draft.embed_tokens(ids_bt).to(hidden.dtype)
     cos, sin = draft.rope(positions_bt, hidden.dtype)
     q, k, v = draft.midlayer.qkv(embed, hidden, cos, sin)

@@ -66,6 +66,8 @@ def build_draft_config(cfg: Config, hf_config, aux_layer_ids, num_draft_vocab: i
         rope_parameters={k: v for k, v in dict(rope).items() if v is not None},
         max_position_embeddings=d.max_position_embeddings or hf_config.max_position_embeddings,
         aux_layer_ids=tuple(aux_layer_ids),
+        norm_before_fc=d.norm_before_fc,
+        norm_output=d.norm_output,
     )
 
 
@@ -166,7 +168,10 @@ class Trainer:
             # learn (all masks false) keeps it in step with every collective (FSDP's too).
             batches = [self._empty_batch()]
         inputs = [loss_inputs(self.teacher, b, k_steps) for b in batches]
-        counts = all_reduce_sum(sum(x.counts() for x in inputs)).tolist()
+        # Per unroll step: rows whose teacher argmax is in the draft vocab (the loss's
+        # denominators), then every row the step learns at (SpecForge's acc denominator).
+        both = all_reduce_sum(sum(torch.cat([x.counts(), x.counts_all()]) for x in inputs)).tolist()
+        counts, rows = both[:k_steps], both[k_steps:]
         # Fixed metric names, so ranks with no data this step (the end of a consume-once
         # stream) still join every collective with zeros.
         sums = {f"{name}_{k}": torch.zeros((), device=self.dist.device)
@@ -187,12 +192,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         names = sorted(sums)
         reduced = all_reduce_sum(torch.stack([sums[n].float() for n in names])).tolist()
-        out = {"grad_norm": float(grad_norm), "valid_tokens": counts[0]}
+        out = {"grad_norm": float(grad_norm), "valid_tokens": counts[0], "loss_tokens": rows[0]}
         loss_total = 0.0
         for name, value in zip(names, reduced):
-            k = int(name.rsplit("_", 1)[1])
-            out[name] = value / max(counts[k], 1.0)
-            if name.startswith("ploss_"):
+            kind, k = name.rsplit("_", 1)
+            k = int(k)
+            out[name] = value / max((rows if kind == "acc" else counts)[k], 1.0)
+            if kind == "acc":  # the same hits over the rows the draft vocab can express
+                out[f"acc_in_vocab_{k}"] = value / max(counts[k], 1.0)
+            if kind == "ploss":
                 loss_total += decay ** k * out[name]
         out["loss"] = loss_total
         return out
