@@ -67,9 +67,12 @@ def test_vllm_feeds_the_draft_the_layers_it_was_trained_on(served):
 
 @needs_vllm
 def test_vllm_serves_the_draft_losslessly_and_accepts_its_tokens(served):
-    result, _ = served
+    result, run = served
     ours, theirs = result["draftflow"], result["vllm"]
     assert theirs["lossless"] and theirs["mismatched_prompts"] == [] and ours["lossless"]
+    card = json.loads((Path(run.final_dir) / "draftflow.json").read_text())  # both results on the draft card
+    assert [e["engine"] for e in card["evaluations"]] == ["draftflow", "vllm"]
+    assert [e["tau"] for e in card["evaluations"]] == [ours["tau"], theirs["tau"]]
     assert result["comparison"]["outputs_equal"]  # vLLM's float32 target == transformers'
     assert theirs["counters_match_log"] and theirs["rounds"] > 0
     assert theirs["accepted_per_pos"][0] > 0 and theirs["tau"] > 1.0
@@ -121,3 +124,26 @@ def test_engine_vllm_without_vllm_says_how_to_install(capsys, monkeypatch, tmp_p
     assert main(["evaluate", "-c", str(TINY), "--draft", str(tmp_path), "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
     assert "vLLM is not installed" in err and "make install-vllm" in err and "pip install -e '.[vllm]'" in err
+
+
+@needs_vllm
+def test_vllm_honours_the_eagle31_switches(tmp_path):
+    """A draft trained with norm_before_fc and norm_output: vLLM loads input_norm.weight
+    and feeds each next draft step the normed hidden state, as training did; the two
+    evaluators then agree round for round (a vLLM that ignored either switch would, but
+    for a coincidence of argmaxes, draft other tokens from the second position on)."""
+    from draftflow.evaluate import read_draft_config
+    from draftflow.roles import run_colocated
+
+    target = save_repetitive_target(tmp_path / "target")
+    cfg = load_config([TINY], [*OVERRIDES, "target.random=null", f"target.path={target}",
+                               "draft.norm_before_fc=true", "draft.norm_output=true",
+                               f"features.root={tmp_path / 'feat'}", f"train.output_dir={tmp_path / 'run'}"])
+    run = run_colocated(cfg)
+    exported = read_draft_config(Path(run.final_dir) / "config.json")  # what both evaluators read
+    assert exported.norm_before_fc and exported.norm_output
+    result = evaluate_with_vllm(cfg, run.final_dir, depth=DEPTH, max_new_tokens=MAX_NEW, num_prompts=PROMPTS)
+    cmp = result["comparison"]
+    assert result["vllm"]["lossless"] and cmp["aux_layers"]["ok"] and cmp["outputs_equal"]
+    assert cmp["rounds_agree"] and cmp["uncut"]["agree"] and result["vllm"]["accepted_per_pos"][0] > 0
+

@@ -63,7 +63,7 @@ def evaluate_with_vllm(cfg, draft_dir: str | Path, depth: int = 5, max_new_token
                        num_prompts: int = 16) -> dict:
     """{"draftflow": DraftFlow's evaluation, "vllm": vLLM's, "comparison": ...} of one
     exported draft on the same held-out prompts (module doc for the definitions)."""
-    from draftflow.evaluate import evaluate, heldout_prompts, read_draft_config
+    from draftflow.evaluate import evaluate, heldout_prompts, read_draft_config, record_on_card
 
     require_vllm()
     draft_dir = Path(draft_dir)
@@ -84,6 +84,9 @@ def evaluate_with_vllm(cfg, draft_dir: str | Path, depth: int = 5, max_new_token
         "vllm_ids_used": theirs["aux_layer_ids_used"],
         "ok": theirs["aux_layer_ids_used"] == [i + 1 for i in trained],
     }
+    # DraftFlow's own evaluation is on the card already (evaluate); add vLLM's beside it
+    record_on_card(draft_dir, {**theirs, "depth": depth, "max_new_tokens": max_new_tokens,
+                               "num_prompts": len(prompts), "dtype": "float32", "device": "cpu"}, engine="vllm")
     return {"draftflow": ours, "vllm": theirs, "comparison": comparison}
 
 
