@@ -109,8 +109,8 @@ def read_card(draft_dir: str | Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"draft card {path}: unreadable ({e})") from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise ValueError(f"draft card {path}: not a DraftFlow draft card (format {card.get('format')!r}"
-                         f" if isinstance(card, dict) else 'not an object')")
+        found = f"format {card.get('format')!r}" if isinstance(card, dict) else "not a JSON object"
+        raise ValueError(f"draft card {path}: not a DraftFlow draft card ({found}, expected format {CARD_FORMAT!r})")
     if card.get("version") != CARD_VERSION:
         raise ValueError(f"draft card {path}: version {card.get('version')!r} is not supported "
                          f"(this DraftFlow reads version {CARD_VERSION})")

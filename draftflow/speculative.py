@@ -96,7 +96,7 @@ class Eagle3Proposer:
         self.cache = DraftCache()
         self.num_verified = 0
         self.last_hidden: torch.Tensor | None = None  # [1, 1, H] at position num_verified - 1
-        self.dtype, self.device = draft.fc.weight.dtype, draft.fc.weight.device
+        self.device = draft.fc.weight.device
 
     def observe(self, next_ids: list[int], aux_bta: torch.Tensor) -> None:
         # Entries of the last chain were drafted, not verified: drop them first.

@@ -304,3 +304,7 @@ def test_draft_card_mismatch_is_refused_naming_the_field(draft_dir, tmp_path, ca
     (tmp_path / "draftflow.json").write_text(json.dumps({**card, "version": 9}))
     with pytest.raises(ValueError, match="version 9 is not supported"):
         read_card(tmp_path)
+    for bad, found in (([1, 2], "not a JSON object"), ({"format": "other"}, "format 'other'")):
+        (tmp_path / "draftflow.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=f"not a DraftFlow draft card \\({found}, expected format"):
+            read_card(tmp_path)
