@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality_smollm2 import build_config, machine  # noqa: E402
+from quality_smollm2 import build_config, machine, publish  # noqa: E402
 
 from draftflow.config import replace  # noqa: E402
-from draftflow.evaluate import evaluate_drafts, format_results, write_json  # noqa: E402
+from draftflow.evaluate import evaluate_drafts  # noqa: E402
 from draftflow.roles import run_colocated  # noqa: E402
 from draftflow.train.metrics import read_metrics  # noqa: E402
 
@@ -73,10 +73,7 @@ def main(argv=None) -> int:
                                                           "variants": VARIANTS},
               "machine": machine(), "wall_s": wall, "results": results, "training_curves": curves,
               "train": {name: {"num_samples": r.num_samples, "num_tokens": r.num_tokens} for name, r in runs.items()}}
-    path = write_json(report, Path(args.out) / "eagle31_smollm2.json")
-    print(format_results(results))
-    print(f"wall: {wall}; report: {path}")
-    return 0 if all(r["lossless"] for r in results.values()) else 1
+    return publish(report, Path(args.out) / "eagle31_smollm2.json", f"wall: {wall}")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ class EvalPrompts:
     eos_ids: tuple[int, ...]
 
 
-def heldout_prompts(cfg, num_prompts: int) -> EvalPrompts:
+def heldout_prompts(cfg, num_prompts: int, tok=None) -> EvalPrompts:
     """The first `num_prompts` held-out conversations of `cfg.data`, each cut before its
     first assistant token (so a prompt ends with the assistant header).
 
@@ -195,7 +195,7 @@ def heldout_prompts(cfg, num_prompts: int) -> EvalPrompts:
     if cfg.data.num_heldout < 1:
         raise ValueError(f"data.num_heldout={cfg.data.num_heldout}: evaluate runs on held-out "
                          "conversations; set it to the value used for training")
-    tok = load_tokenizer(tokenizer_spec(cfg))
+    tok = tok if tok is not None else load_tokenizer(tokenizer_spec(cfg))
     data_cfg = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 8, 8))
     prompts = []
     for sample in prepare_dataset(data_cfg, tok).heldout[:num_prompts]:
@@ -209,6 +209,18 @@ def heldout_prompts(cfg, num_prompts: int) -> EvalPrompts:
     return EvalPrompts(prompts=prompts, eos_ids=tuple(sorted(eos)))
 
 
+def per_position(rounds: list[tuple[int, int]], depth: int) -> tuple[list, list[int], list[int]]:
+    """(per_depth, accepted_per_pos, drafted_per_pos) of (drafted, accepted) rounds, for
+    j = 1..depth (see `summarize`); shared with the vLLM comparison (engines/vllm.py)."""
+    per_depth = []
+    for j in range(1, depth + 1):
+        # Depth j is reached when j tokens were drafted and the first j-1 accepted.
+        reached = [a for d, a in rounds if d >= j and a >= j - 1]
+        per_depth.append(sum(a >= j for a in reached) / len(reached) if reached else None)
+    return (per_depth, [sum(a >= j for _, a in rounds) for j in range(1, depth + 1)],
+            [sum(d >= j for d, _ in rounds) for j in range(1, depth + 1)])
+
+
 def summarize(generations: list[Generation], baselines: list[list[int]], depth: int) -> dict:
     """Acceptance figures of speculative runs, checked against plain greedy outputs.
 
@@ -219,11 +231,7 @@ def summarize(generations: list[Generation], baselines: list[list[int]], depth: 
     """
     rounds = [r for g in generations for r in g.rounds]
     produced = sum(r.produced for r in rounds)
-    per_depth = []
-    for j in range(1, depth + 1):
-        # Depth j is reached when j tokens were drafted and the first j-1 accepted.
-        reached = [r for r in rounds if r.drafted >= j and r.accepted >= j - 1]
-        per_depth.append(sum(r.accepted >= j for r in reached) / len(reached) if reached else None)
+    per_depth, accepted_per_pos, drafted_per_pos = per_position([(r.drafted, r.accepted) for r in rounds], depth)
     mismatched = [i for i, (g, b) in enumerate(zip(generations, baselines)) if g.tokens != b]
     target_forwards = sum(g.target_forwards for g in generations)
     baseline_forwards = sum(len(b) for b in baselines)  # one forward per greedy token
@@ -231,8 +239,8 @@ def summarize(generations: list[Generation], baselines: list[list[int]], depth: 
         "tau": produced / len(rounds) if rounds else None,
         "per_depth": per_depth,
         "mean_accepted": sum(r.accepted for r in rounds) / len(rounds) if rounds else None,
-        "accepted_per_pos": [sum(r.accepted >= j for r in rounds) for j in range(1, depth + 1)],
-        "drafted_per_pos": [sum(r.drafted >= j for r in rounds) for j in range(1, depth + 1)],
+        "accepted_per_pos": accepted_per_pos,
+        "drafted_per_pos": drafted_per_pos,
         "rounds": len(rounds),
         "target_forwards": target_forwards,
         "baseline_forwards": baseline_forwards,
@@ -252,17 +260,20 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
     verify forward), for a comparison with a serving engine (engines/vllm.py)."""
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, resolve_aux_layer_ids, target_eos_ids
+    from draftflow.data.tokenizer import load_tokenizer
+    from draftflow.roles import tokenizer_spec
 
     for name, value in (("depth", depth), ("max_new_tokens", max_new_tokens), ("num_prompts", num_prompts)):
         if value < 1:
             raise ValueError(f"evaluate: {name}={value}, expected at least 1")
-    data = heldout_prompts(cfg, num_prompts)
+    tok = load_tokenizer(tokenizer_spec(cfg))
+    data = heldout_prompts(cfg, num_prompts, tok)
     device, dtype = resolve_device_dtype(cfg.capture)
     if cfg.capture.dtype == "auto":
         dtype = torch.float32  # exact greedy agreement; bf16 diverges on near-ties (module doc)
     target = load_target(cfg.target, device, dtype)
     aux_ids = resolve_aux_layer_ids(cfg.target, target.config.num_hidden_layers)
-    check_cards(cfg, target, aux_ids, draft_dirs)
+    check_cards(tok, target, aux_ids, draft_dirs)
     eos_ids = sorted(set(data.eos_ids) | target_eos_ids(target.config))
     embed = target.model.get_input_embeddings().weight
     drafts = {name: load_exported_draft(d, embed, aux_ids).to(device) for name, d in draft_dirs.items()}
@@ -287,13 +298,11 @@ def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_
     return results
 
 
-def check_cards(cfg, target, aux_ids, draft_dirs: dict[str, str | Path]) -> None:
+def check_cards(tok, target, aux_ids, draft_dirs: dict[str, str | Path]) -> None:
     """Refuse drafts whose card names another target, tokenizer, template or layers."""
     from draftflow.card import chat_template_hash, check_card, read_card
-    from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
-    from draftflow.roles import tokenizer_spec
+    from draftflow.data.tokenizer import tokenizer_hash
 
-    tok = load_tokenizer(tokenizer_spec(cfg))
     for d in draft_dirs.values():
         check_card(read_card(d), d, config_hash=target.config_hash, tokenizer_hash=tokenizer_hash(tok),
                    chat_template=chat_template_hash(tok), aux_layer_ids=aux_ids)

@@ -142,15 +142,13 @@ def run_vllm(target_dir: Path, draft_dir: Path, prompts: list[list[int]], eos_id
 
 def summarize_vllm(served: dict, depth: int) -> dict:
     """vLLM's figures under the module doc's definitions, from its counters and log."""
+    from draftflow.evaluate import per_position
+
     per_prompt, c = served["per_prompt"], served["counters"]
     rounds = [r for p in per_prompt for r in p["rounds"]]
-    per_depth = []
-    for j in range(1, depth + 1):
-        reached = [a for d, a in rounds if d >= j and a >= j - 1]
-        per_depth.append(sum(a >= j for a in reached) / len(reached) if reached else None)
+    per_depth, log_per_pos, _ = per_position(rounds, depth)
     new_tokens = sum(len(p["tokens"]) for p in per_prompt)
     mismatched = [i for i, p in enumerate(per_prompt) if p["tokens"] != p["greedy_tokens"]]
-    log_per_pos = [sum(a >= j for _, a in rounds) for j in range(1, depth + 1)]
     return {
         "engine": f"vllm {served['vllm_version']}",
         "tau": (new_tokens - len(per_prompt)) / len(rounds) if rounds else None,
