@@ -47,7 +47,9 @@ class LossInputs:
     def counts_all(self) -> torch.Tensor:
         """Loss positions of each unroll step, also those whose teacher argmax lies
         outside the draft vocab (SpecForge's acc denominator), float [num_steps]."""
-        return torch.tensor([float(d.numel()) for d in self.rows.draft], device=self.valid[0].device)
+        # Filled on the device from sizes the host knows: no host-to-device copy, which
+        # from pageable memory would wait for the GPU on every micro-batch.
+        return torch.stack([torch.full((), float(v.numel()), device=v.device) for v in self.valid])
 
 
 def loss_inputs(teacher: Teacher, batch, num_steps: int, chunk: int = CHUNK_ROWS) -> LossInputs:
