@@ -20,10 +20,38 @@ claim a faster stealer just made, and both would train the sample. Creating
 `<gen+1>` is exclusive per generation, so only one stealer can win each one, and
 an owner learns it lost its claim when `<gen+1>` exists. Staleness compares the
 file's mtime with this host's clock: keep `claim_timeout_s` far above clock skew.
+
+Nothing ever unlinks a claim file while a newer generation may be live: a consumer
+claims from generation 0 upward, so a gap below a live claim would let a third
+consumer in. `done` unlinks its chain only after the done marker is visible (a
+claimer that slips into a gap sees the marker and backs off); `release` unlinks it
+only while still ours, right after a heartbeat (only a stealer that judged the claim
+stale before that could still race it); a `done` or `release` that lost its claim
+leaves the chain to the new owner, whose `done` removes it.
+
+`done` returns only when the caller may free the sample's data, i.e. the claim was
+still ours after the marker became visible; otherwise it raises `ClaimLostError`.
+It checks ownership before writing the marker (a lost claim gets no marker) and
+again after: a stealer that creates `<gen+1>` between the two checks may have looked
+for the marker before it appeared and be training the sample now, so we must not
+delete under it. What remains of that race: the sample is marked done by us and
+may be trained a second time by the stealer (at-least-once, never lost); if the
+stealer instead sees the marker and backs off, nobody frees the data and
+`draftflow store gc --what consumed` does.
+
+Adoption after a restart: a consumer may pass a stable `identity` (see
+`consumer_identity`: host, output folder, rank). Its claims record it, and a
+restarted consumer of the same identity (a new `owner`) takes over the claims of its
+previous incarnation at once, by creating the next generation as a steal does,
+instead of waiting `claim_timeout_s` for them to go stale. This assumes one live
+process per identity: two live processes sharing a host, `train.output_dir` and rank
+are a user error; they would take claims from each other and train some samples
+twice (the ownership check in `done` still keeps each from deleting the other's data).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -40,9 +68,25 @@ class ForgedMarkerError(ManifestError):
     """A `done/` marker not signed under this run's secret for this store."""
 
 
-def default_owner() -> str:
-    """host:pid:random — unique across hosts, processes and restarts."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+class ClaimLostError(ValueError):
+    """`done` on a claim another consumer took over: leave the sample's data to it.
+
+    `marked` says whether the done marker was written (the steal raced with `done`)."""
+
+    def __init__(self, message: str, *, sample_id: str, claim_file: Path, holder: str, marked: bool):
+        super().__init__(message)
+        self.sample_id, self.claim_file, self.holder, self.marked = sample_id, claim_file, holder, marked
+
+
+def consumer_identity(output_dir: str | Path, rank: int) -> str:
+    """A consumer's name that survives its restarts: host, hash of its output folder, rank."""
+    digest = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+    return f"{socket.gethostname()}/{digest}/rank{rank}"
+
+
+def default_owner(identity: str | None = None) -> str:
+    """`identity:pid:random` (`host:pid:random` without one): unique per process and restart."""
+    return f"{identity or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def parse_claim_name(name: str) -> tuple[str, int] | None:
@@ -54,9 +98,19 @@ def parse_claim_name(name: str) -> tuple[str, int] | None:
 
 
 class ClaimBook:
-    """Claims of one consumer (`owner`) in a claim folder shared with the others."""
+    """Claims of one consumer (`owner`) in a claim folder shared with the others.
 
-    def __init__(self, directory: str | Path, owner: str, claim_timeout_s: float, keys):
+    `owner` is unique per process (`default_owner(identity)`); `identity`, stable across
+    restarts (`consumer_identity`), lets this process adopt its previous incarnation's
+    claims at once. Without it (the producer, which only asks `is_done`) claims are
+    taken over only once stale."""
+
+    def __init__(self, directory: str | Path, owner: str, claim_timeout_s: float, keys, *,
+                 identity: str | None = None):
+        if identity is not None and not owner.startswith(identity + ":"):
+            # Equal owners would make a restart look like the same process: it must differ.
+            raise ValueError(f"owner {owner!r} must be default_owner(identity) for identity {identity!r}")
+        self.identity = identity
         self.keys = keys  # control.binding.RunKeys: signs and checks done markers
         self.claims_dir = Path(directory) / "claims"
         self.done_dir = Path(directory) / "done"
@@ -111,16 +165,26 @@ class ClaimBook:
                 gen += 1  # already stolen once; look at the newer claim
                 continue
             try:
-                stale = self._stale(self._path(sample_id, gen))
+                takeable = self._stale(self._path(sample_id, gen)) or self._adoptable(self._path(sample_id, gen))
             except FileNotFoundError:
                 return False  # its owner just marked it done
-            if not stale:
+            if not takeable:
                 return False
-            gen += 1  # stale: try to steal by creating the next generation
+            gen += 1  # stale or ours from before a restart: take it by creating the next generation
 
     def _stale(self, path: Path) -> bool:
         """A claim not renewed for `claim_timeout_s` belongs to a dead (or stalled) owner."""
         return time.time() - path.stat().st_mtime > self.claim_timeout_s
+
+    def _adoptable(self, path: Path) -> bool:
+        """A claim of our identity but another owner: our previous incarnation, now dead."""
+        if self.identity is None:
+            return False
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return False
+        return content.get("identity") == self.identity and content.get("owner") != self.owner
 
     def holder(self, sample_id: str) -> tuple[str, float] | None:
         """(owner, seconds since its last heartbeat) of the newest claim on `sample_id`."""
@@ -136,7 +200,8 @@ class ClaimBook:
 
     def _create(self, sample_id: str, gen: int) -> bool:
         tmp = self.claims_dir / f".tmp-{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps({"owner": self.owner, "sample_id": sample_id, "gen": gen}))
+        tmp.write_text(json.dumps({"owner": self.owner, "identity": self.identity, "sample_id": sample_id,
+                                   "gen": gen}))
         try:
             os.link(tmp, self._path(sample_id, gen))
             return True
@@ -167,11 +232,27 @@ class ClaimBook:
         return lost
 
     def done(self, sample_id: str) -> None:
-        """Mark a held sample trained: link its claim to `done/`, then drop the claim files."""
+        """Mark a held sample trained and drop its claim. Returns only if the claim was still
+        ours after the done marker became visible: then, and only then, the caller may free
+        the sample's data. Raises ClaimLostError if another consumer took it over (with no
+        marker written when it was lost before), ValueError if it was never claimed."""
         with self._lock:  # only the bookkeeping: the loader's claims need not wait for the file work
             gen = self._held.pop(sample_id, None)
         if gen is None:
             raise ValueError(f"sample {sample_id!r} is not claimed by {self.owner}; claim it before done()")
+        if not self._still_ours(sample_id, gen):
+            raise self._lost(sample_id, gen, marked=False)
+        self._write_marker(sample_id, gen)
+        # Checked again once the marker is visible: a stealer that created <gen+1> before
+        # then may have looked for the marker before it existed and be training the sample.
+        still_ours = self._still_ours(sample_id, gen)
+        # Our part of the chain can go in any case now that the marker is visible (a claimer
+        # that slips into the gap sees it and backs off); a newer generation is not ours.
+        self._unlink_upto(sample_id, gen)
+        if not still_ours:
+            raise self._lost(sample_id, gen, marked=True)
+
+    def _write_marker(self, sample_id: str, gen: int) -> None:
         marker = self.done_dir / sample_id
         tmp = self.done_dir / f".tmp-{uuid.uuid4().hex}"
         tmp.write_bytes(self.keys.done_marker(sample_id, gen, self.owner))
@@ -184,14 +265,33 @@ class ClaimBook:
                 os.replace(tmp, marker)
         finally:
             tmp.unlink(missing_ok=True)
-        self.release(sample_id, gen)
 
-    def release(self, sample_id: str, gen: int | None = None) -> None:
-        """Drop the claim files of `sample_id` up to generation `gen` (default: the one held)."""
+    def _lost(self, sample_id: str, gen: int, marked: bool) -> ClaimLostError:
+        path = self._path(sample_id, gen)
+        holder = self.holder(sample_id)
+        holder_text = holder[0] if holder else "another consumer (already finished with it)"
+        outcome = "marked done, but the new owner may be training it" if marked else "not marked done"
+        return ClaimLostError(f"claim {path} on sample {sample_id!r} of {self.owner} was taken over by "
+                              f"{holder_text} (its heartbeat was older than {self.claim_timeout_s:g} s, or a "
+                              f"restart of the same consumer adopted it); {outcome}: leave its data to the "
+                              "new owner",
+                              sample_id=sample_id, claim_file=path, holder=holder_text, marked=marked)
+
+    def release(self, sample_id: str) -> None:
+        """Give up a held claim without marking it done; one already taken over is left
+        to its new owner (its claim files are never ours to unlink)."""
+        with self._lock:
+            gen = self._held.pop(sample_id, None)
         if gen is None:
-            with self._lock:
-                gen = self._held.pop(sample_id, None)
-            if gen is None:
-                return
+            return
+        try:
+            # Fresh first, so a stealer can judge it stale only from a look taken before now.
+            os.utime(self._path(sample_id, gen))
+        except FileNotFoundError:
+            return
+        if self._still_ours(sample_id, gen):
+            self._unlink_upto(sample_id, gen)
+
+    def _unlink_upto(self, sample_id: str, gen: int) -> None:
         for g in range(gen + 1):
             self._path(sample_id, g).unlink(missing_ok=True)
