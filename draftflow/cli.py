@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from draftflow.config import Config, load_config
+from draftflow.config import Config, config_warnings, load_config
+
+log = logging.getLogger("draftflow")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -18,7 +20,10 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _config(args) -> Config:
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    for warning in config_warnings(cfg):  # settings this run will not use, named once at load
+        log.warning(warning)
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -181,6 +186,8 @@ def verify_mooncake(cfg) -> int:
 def cmd_store_serve(args) -> int:
     from draftflow.stores.mooncake_service import serve
 
+    # Not _config: the server reads features.mooncake whatever features.backend says, so
+    # the warnings about settings other backends ignore would be wrong here.
     cfg = load_config(args.config, args.overrides)
     if args.backend != "mooncake":
         raise ValueError(f"store serve --backend {args.backend}: only mooncake runs a server")

@@ -1,15 +1,17 @@
 """Typed run configuration: YAML files plus dotted overrides -> frozen records.
 
 Parsed once, in the CLI. Later files and `KEY=VALUE` overrides win over earlier
-ones; an unknown key, a value of the wrong type or a number outside its allowed
-range (`RANGES`) is a `ValueError` naming the key's full path (and the file it came
-from).
+ones; an unknown key, a value of the wrong type, a number outside its allowed range
+(`RANGES`) or a string outside its choices (`CHOICES`) is a `ValueError` naming the
+key's full path (and the file it came from). `config_warnings` names the settings the
+chosen backend ignores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# The manifest header stores the policy, so its format owns the list (no torch there).
+from draftflow.control.manifest import RELEASE_POLICIES
 
 RECORD = dict(frozen=True, slots=True, kw_only=True)
 
@@ -147,13 +152,6 @@ class TrainConfig:
     recompute: str = "auto"  # recompute the draft head and layer in backward: auto | always | never
     compile: bool | str = "auto"  # torch.compile layer, head, attention merge, teacher: auto (on CUDA) | true | false
 
-    def __post_init__(self):
-        # named at load time, before a colocated run spends its capture
-        if self.recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"train.recompute: {self.recompute!r}, expected one of {', '.join(RECOMPUTE_MODES)}")
-        if isinstance(self.compile, str) and self.compile != "auto":
-            raise ValueError(f"train.compile: {self.compile!r}, expected true, false or auto")
-
 
 @dataclass(**RECORD)
 class Config:
@@ -235,6 +233,26 @@ RANGES: dict[str, Range] = {
 }
 
 
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # features.dtype; capture.dtype adds "auto"
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # "cuda:N" stands for any GPU index
+_CUDA_INDEX = re.compile(r"cuda:\d+")
+STORE_BACKENDS = ("local", "shared_dir", "mooncake")  # the keys of stores.BACKENDS
+
+# Every enum-like setting and its allowed values, checked as the config loads like
+# RANGES: a misspelt value would otherwise be ignored, or fail only after a capture.
+# tests/test_config.py checks that every other str field is free text on purpose.
+CHOICES: dict[str, tuple] = {
+    "capture.device": DEVICES,
+    "capture.dtype": ("auto", *FLOAT_DTYPES),
+    "features.backend": STORE_BACKENDS,
+    "features.dtype": FLOAT_DTYPES,
+    "features.release": RELEASE_POLICIES,
+    "features.mooncake.protocol": ("tcp", "rdma"),
+    "train.device": DEVICES,
+    "train.recompute": RECOMPUTE_MODES,
+    "train.compile": tuple(compile_option(c) for c in COMPILE_CHOICES),  # YAML reads true/false as bools
+}
+
 # Keys whose values no message repeats: a path, but people paste the secret itself there.
 UNECHOED = ("features.secret_file",)
 
@@ -243,6 +261,19 @@ def _check_range(value: Any, key: str) -> None:
     allowed = RANGES.get(key)
     if allowed is not None and value is not None and not allowed.holds(value):
         raise ValueError(f"{key}: {value!r} is out of range; expected {allowed.text(isinstance(value, int))}")
+
+
+def _yaml_text(choice: Any) -> str:
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
+def _check_choice(value: Any, key: str) -> None:
+    choices = CHOICES.get(key)
+    if choices is None or value in choices:
+        return
+    if "cuda:N" in choices and isinstance(value, str) and _CUDA_INDEX.fullmatch(value):
+        return
+    raise ValueError(f"{key}: {value!r}, expected one of {', '.join(map(_yaml_text, choices))}")
 
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
@@ -318,6 +349,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         else:
             kwargs[name] = _check_value(value, tp, key)
             _check_range(kwargs[name], key)
+            _check_choice(kwargs[name], key)
     return cls(**kwargs)
 
 
@@ -386,7 +418,58 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    # On the merged result only: a base file may set release for a backend a later file picks.
+    _check_release(cfg.features)
+    return cfg
+
+
+def _check_release(features: FeaturesConfig) -> None:
+    if features.backend == "local" and features.release == "consume_once":
+        # A local store is private to one colocated job, which trains epochs over every
+        # sample it captured: nothing would free a sample, so the policy would be ignored.
+        raise ValueError("features.release: 'consume_once' needs features.backend shared_dir or mooncake "
+                         "(a local store is private to one job); use auto or retain")
+
+
+# Settings only some backends read: another backend ignores them, and
+# `config_warnings` names each one set to other than its default.
+BACKEND_ONLY: dict[str, tuple[str, ...]] = {
+    "features.mooncake": ("mooncake",),  # every key in the section
+    "features.max_inflight_bytes": ("shared_dir",),  # a Mooncake put waits for room in its segment instead
+    # only producers and consumers wait, and they need a shared backend (roles.require_shared_backend)
+    "features.wait_timeout_s": ("shared_dir", "mooncake"),
+    "features.claim_timeout_s": ("shared_dir", "mooncake"),
+}
+
+
+def _changed(cfg: Config, key: str) -> list[str]:
+    """Dotted keys under `key` (itself, or a section's leaves) set to other than their default."""
+    value, default = cfg, Config()
+    for part in key.split("."):
+        value, default = getattr(value, part), getattr(default, part)
+    if dataclasses.is_dataclass(value):
+        return [k for f in dataclasses.fields(value) for k in _changed(cfg, f"{key}.{f.name}")]
+    return [key] if value != default else []
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings this config sets that nothing will use, one message each naming the key.
+    Warnings rather than errors: one file often serves runs on several backends."""
+    backend, out = cfg.features.backend, []
+    for section, readers in BACKEND_ONLY.items():
+        if backend not in readers:
+            out += [f"{key}: ignored by features.backend {backend} (read by {' and '.join(readers)} only)"
+                    for key in _changed(cfg, section)]
+    if backend == "shared_dir" and cfg.features.release != "consume_once" and _changed(
+            cfg, "features.max_inflight_bytes"):
+        out.append(f"features.max_inflight_bytes: ignored with features.release {cfg.features.release} "
+                   "(only a consume_once producer waits for consumers to free room)")
+    if _CUDA_INDEX.fullmatch(cfg.train.device):
+        # train.distributed.init_distributed puts each rank on cuda:<LOCAL_RANK>
+        out.append(f"train.device: the index of {cfg.train.device} is ignored; each training process uses "
+                   "cuda:<LOCAL_RANK> (0 without torchrun): choose GPUs with CUDA_VISIBLE_DEVICES")
+    return out
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

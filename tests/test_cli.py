@@ -85,12 +85,20 @@ def test_unknown_key_in_a_file_names_the_file(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.compile=maybe", "train.compile: 'maybe', expected true, false or auto"),
+    ("train.compile=maybe", "train.compile: 'maybe', expected one of auto, true, false"),
     ("train.recompute=sometimes", "train.recompute: 'sometimes', expected one of auto, always, never")])
 def test_a_bad_training_option_is_named_before_any_work(capsys, tmp_path, override, message):
     code, err = run_cli(capsys, "train", "-c", TINY, f"features.root={tmp_path / 'feat'}", override)
     assert code == 2 and message in err
     assert not (tmp_path / "feat").exists()  # refused at load: nothing captured
+
+
+def test_a_setting_the_backend_ignores_is_logged_once_at_load(capsys, caplog, tmp_path):
+    code = main(["store", "ls", "-c", TINY, f"features.root={tmp_path}", "features.mooncake.protocol=rdma"])
+    assert code == 0
+    ignored = [r for r in caplog.records if r.name == "draftflow" and r.levelname == "WARNING"]
+    assert [r.getMessage() for r in ignored] == [
+        "features.mooncake.protocol: ignored by features.backend local (read by mooncake only)"]
 
 
 def test_unknown_role_is_refused(capsys):

@@ -20,9 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from draftflow.capture.target import LoadedTarget, validate_aux_layer_ids
+from draftflow.config import DEVICES, FLOAT_DTYPES
 from draftflow.records import SampleRef
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 
 
 def resolve_device_dtype(capture_cfg) -> tuple[torch.device, torch.dtype]:
@@ -33,7 +34,7 @@ def resolve_device_dtype(capture_cfg) -> tuple[torch.device, torch.dtype]:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"capture.device: {name!r} is not a torch device (expected auto, cpu, cuda, cuda:N)") from None
+        raise ValueError(f"capture.device: {name!r} is not a torch device (expected one of {', '.join(DEVICES)})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"capture.device: {name!r} asked for, but CUDA is not available here")
     if capture_cfg.dtype == "auto":
