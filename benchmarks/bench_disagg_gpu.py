@@ -17,7 +17,7 @@ training half (`roles.train_from_refs` over a `local` store and a `ListRefSource
 `run_colocated` calls it after capture) on the features already in the folder, the
 same number of steps, a fresh output_dir. It never waits for data. Its process
 starts with the pair and builds the random target's head on the CPU meanwhile
-(`load_target_head` builds the whole 8B model: over a minute), then waits for the
+(`load_target_weights` builds the whole 8B model: over a minute), then waits for the
 pair to exit before it touches the GPU. Reported from each trainer's
 metrics.jsonl (step time = the step's tokens / `tokens_per_s`, `data_wait_share`;
 `log_every` 1): median step time after `--warmup` steps, their ratio (target: the
@@ -93,7 +93,7 @@ POLL_S = 0.1
 # ------------------------------------------------------------ the reference (its own process)
 
 def reference_main(cfg_path: str, overrides: list[str]) -> None:
-    """Build the target head, wait for "go" on stdin, then train like a colocated run
+    """Load the target's embedding and lm_head, wait for "go" on stdin, then train like a colocated run
     on the features in the store (GPU: CUDA_VISIBLE_DEVICES set by the benchmark)."""
     import draftflow.roles as roles
     from draftflow.control.binding import open_store_record
@@ -101,15 +101,14 @@ def reference_main(cfg_path: str, overrides: list[str]) -> None:
     from draftflow.control.signing import load_secret
     from draftflow.stores import build_store
     from draftflow.train.batches import ListRefSource
+    from draftflow.train.trainer import load_target_weights
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config([cfg_path], overrides)
-    head = roles.load_target_head(cfg.target)
-    print("reference: target head ready", flush=True)
+    target = load_target_weights(cfg.target)  # built while the pair runs
+    print("reference: target weights ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         sys.exit("reference: stdin closed before 'go'; not training")
-    # The head was built above while the pair ran; train_from_refs would build it again.
-    roles.load_target_head = lambda target_cfg: head
     secret = load_secret(cfg.features, os.environ)
     reader = ManifestReader(control_dir(cfg), secret)
     keys, _ = open_store_record(cfg.features.root, secret, None)
@@ -119,8 +118,8 @@ def reference_main(cfg_path: str, overrides: list[str]) -> None:
     refs = [keys.sign_ref(dataclasses.replace(r, index=i)) for i, r in enumerate(left)]  # renumbered: signed again
     print(f"reference: training on {len(refs)} stored samples", flush=True)
     h = reader.header
-    roles.train_from_refs(cfg, list(h.provenance.aux_layer_ids), list(h.draft_vocab), store, ListRefSource(refs),
-                          h.provenance, None)
+    roles.train_from_refs(cfg, target, list(h.provenance.aux_layer_ids), list(h.draft_vocab), store,
+                          ListRefSource(refs), h.provenance, None)
 
 
 # ------------------------------------------------------------ processes and polling
@@ -173,7 +172,7 @@ def run_pair(cfg, cfg_path: Path, work: Path, env: dict, gpus, mode: str, steps:
             if "producer" not in ends and stopped_at is None and (enough or consumer_failed):
                 procs["producer"].terminate()
                 stopped_at = round(t, 2)
-            if reference_ready_s is None and b"head ready" in (work / "reference.log").read_bytes():
+            if reference_ready_s is None and b"weights ready" in (work / "reference.log").read_bytes():
                 reference_ready_s = round(t, 2)
             if t > timeout_s:
                 raise TimeoutError(f"producer/consumer still running after {timeout_s:.0f} s")

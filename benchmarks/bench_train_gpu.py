@@ -1,9 +1,9 @@
 """Draft training throughput and MFU on GPU, on random features.
 
-One optimizer step is the trainer's: chunked teacher, step masks, TTT loss with
-fused TTT attention and chunked draft head (`DraftLoss` through FSDP2 on CUDA, one
-GPU included, as the trainer runs it), backward, clipping, AdamW. MFU is against the card's bf16 matmul rate measured
-in the same run.
+One optimizer step is the trainer's own (`parallel.TrainState.step`): chunked
+teacher, step masks, TTT loss with fused TTT attention and chunked draft head
+(through FSDP2 on CUDA, one GPU included), backward, clipping, AdamW. MFU is
+against the card's bf16 matmul rate measured in the same run.
 
     python benchmarks/bench_train_gpu.py --out bench.json              # one GPU, 2k/8k/32k
     torchrun --nproc_per_node 2 benchmarks/bench_train_gpu.py --seqs 8192 --out scale2.json
@@ -26,15 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
-from draftflow.config import COMPILE_CHOICES, compile_option
+from draftflow.config import COMPILE_CHOICES, TrainConfig, compile_option
 from draftflow.train.batches import collate
-from draftflow.train.chunked_loss import loss_inputs
-from draftflow.train.distributed import all_reduce_grads, all_reduce_sum, init_distributed, shutdown
+from draftflow.train.distributed import init_distributed, shutdown
 from draftflow.train.loss import Teacher
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
-from draftflow.train.parallelize import compile_enabled, loss_module
+from draftflow.train.parallel import TrainState
 from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
 
 LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -44,7 +42,7 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
 TTT_STEPS = 7
 
 
-def build(shape: dict, device: torch.device, compile: bool = False):
+def build(shape: dict, device: torch.device):
     cfg = DraftModelConfig(**shape, rms_norm_eps=1e-5, max_position_embeddings=131072, aux_layer_ids=(1, 15, 28),
                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     torch.manual_seed(0)
@@ -53,7 +51,7 @@ def build(shape: dict, device: torch.device, compile: bool = False):
     draft = draft.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = Teacher(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02,
-                      torch.arange(cfg.draft_vocab_size), compile).to(device)
+                      torch.arange(cfg.draft_vocab_size)).to(device)
     return cfg, draft, teacher, "model.py"
 
 
@@ -91,18 +89,8 @@ def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> float
     return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e12
 
 
-def train_step(module, draft, teacher, batch, optimizer, params, autocast: bool) -> float:
-    inputs = loss_inputs(teacher, batch, TTT_STEPS)
-    counts = all_reduce_sum(inputs.counts()).tolist()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = module(inputs, 0.8, counts)
-    loss.backward()
-    if not isinstance(module, FSDPModule):  # as the trainer: CPU ranks sum gradients themselves
-        all_reduce_grads(params)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+def train_step(state: TrainState, batch) -> float:
+    return state.step([batch])["loss"]
 
 
 def profile_steps(step, steps: int, top: int = 30) -> list[dict]:
@@ -125,31 +113,26 @@ def profile_steps(step, steps: int, top: int = 30) -> list[dict]:
              "calls_per_step": e.count / steps} for e in rows]
 
 
-def bench_seq(module, draft, teacher, cfg, t, device, rank, warmup, steps, profile: bool = False) -> dict:
-    params = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")  # as the trainer
+def bench_seq(state: TrainState, cfg, t, device, rank, warmup, steps, profile: bool = False) -> dict:
     batch = random_batch(cfg, t, device, seed=rank)
-    head_recomputed, layer_recomputed = module.recomputes(loss_inputs(teacher, batch, TTT_STEPS))
+    head_recomputed, layer_recomputed = state.loss.recomputes(state.loss.prepare(batch))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
         for _ in range(warmup):
-            train_step(module, draft, teacher, batch, optimizer, params, cuda)
+            train_step(state, batch)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        losses = [train_step(module, draft, teacher, batch, optimizer, params, cuda) for _ in range(steps)]
+        losses = [train_step(state, batch) for _ in range(steps)]
         if cuda:
             torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / steps
-        kernels = profile_steps(lambda: train_step(module, draft, teacher, batch, optimizer, params, cuda),
-                                2) if profile else None
+        kernels = profile_steps(lambda: train_step(state, batch), 2) if profile else None
     except torch.cuda.OutOfMemoryError as e:
         return {"seq": t, "error": f"out of memory: {str(e).splitlines()[0]}"}
-    finally:
-        del optimizer
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
     out = {"seq": t, "step_s": step_s, "tokens_per_s_per_gpu": t / step_s, "peak_gib": peak,
            "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
@@ -193,19 +176,21 @@ def main() -> None:
     args = ap.parse_args()
     info = init_distributed("cpu" if args.small else "auto")
     device = info.device
-    compile = compile_enabled(compile_option(args.compile), device)
-    cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device, compile)
-    options = {"recompute": args.recompute, "compile": compile}
-    module, fsdp = loss_module(draft, **options)  # as the trainer: FSDP2 on CUDA, one GPU included
+    cfg, draft, teacher, attention_from = build(SMALL if args.small else LLAMA31_8B, device)
+    # lr as small as a fine-tune's, no warmup or decay: the benchmark measures speed
+    tc = TrainConfig(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=1.0, recompute=args.recompute,
+                     compile=compile_option(args.compile))
+    state = TrainState(draft, teacher, tc, TTT_STEPS, 0.8)  # as the trainer: FSDP2 on CUDA, one GPU included
+    options = {"recompute": args.recompute, "compile": state.compile}
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "world_size": info.world_size,
               **options,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "attention": attention_from, "fsdp2": fsdp, "ttt_steps": TTT_STEPS, "runs": []}
+              "attention": attention_from, "fsdp2": state.sharded, "ttt_steps": TTT_STEPS, "runs": []}
     if device.type == "cuda":
         result["matmul_tflops"] = matmul_tflops(device)
     result["attention_check"] = check_attention(device)
     for t in [int(s) for s in args.seqs.split(",")]:
-        run = bench_seq(module, draft, teacher, cfg, t, device, info.rank, args.warmup, args.steps, args.profile)
+        run = bench_seq(state, cfg, t, device, info.rank, args.warmup, args.steps, args.profile)
         if "step_s" in run:
             run["flops_per_token"] = flops_per_token(cfg, t)
             run["tokens_per_s"] = run["tokens_per_s_per_gpu"] * info.world_size

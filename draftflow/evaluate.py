@@ -369,17 +369,14 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
 def export_initial_draft(cfg, checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Export the draft a run started from (step 0: same config, vocab and seed as the
     checkpoint's run), to measure what training bought."""
-    from draftflow.capture.target import load_target_head
     from draftflow.card import build_card
     from draftflow.export import export_draft
     from draftflow.train import checkpoint as ckpt
-    from draftflow.train.trainer import TargetHead, build_draft
+    from draftflow.train.trainer import build_draft, load_target_weights
 
     meta = ckpt.read_meta(Path(checkpoint_dir))
     model_cfg = DraftModelConfig.from_dict(meta["draft_config"])
-    embed, lm_head, hf_config = load_target_head(cfg.target)
-    head = TargetHead(embed_weight=embed, lm_head_weight=lm_head, hf_config=hf_config)
-    draft = build_draft(model_cfg, head, meta["draft_ids"], cfg.train.seed)
+    draft = build_draft(model_cfg, load_target_weights(cfg.target), meta["draft_ids"], cfg.train.seed)
     return export_draft(draft.state_dict(), model_cfg, out_dir, card=build_card({**meta, "step": 0}, None))
 
 

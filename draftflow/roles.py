@@ -23,13 +23,13 @@ import torch
 
 import draftflow
 from draftflow.capture.capture import capture_features, resolve_device_dtype
-from draftflow.capture.target import (LoadedTarget, config_hash, load_target, load_target_head, random_config,
+from draftflow.capture.target import (LoadedTarget, config_hash, load_target, random_config,
                                       resolve_aux_layer_ids, resolve_target_folder, target_identity)
 from draftflow.config import Config
 from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
                                         wait_for_header)
 from draftflow.control.binding import StoreFill, check_filled_with, colocated_secret, open_store_record
-from draftflow.control.claims import ClaimBook, default_owner
+from draftflow.control.claims import ClaimBook, consumer_identity, default_owner
 from draftflow.control.lease import ProducerLease
 from draftflow.control.signing import load_secret
 from draftflow.control.sources import ClaimingRefSource, ManifestRefSource
@@ -43,7 +43,10 @@ from draftflow.stores.shared_dir import resolve_release
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.batches import ListRefSource, RefSource
 from draftflow.train.distributed import barrier, host_threads, init_distributed
-from draftflow.train.trainer import TargetHead, Trainer, build_draft_config
+from draftflow.train.loss import Teacher
+from draftflow.train.parallel import TrainState
+from draftflow.train.stream import BatchShape, ConsumeOnceStream, SeededStream
+from draftflow.train.trainer import TargetWeights, Trainer, build_draft, build_draft_config, load_target_weights
 from draftflow.train.vocab import build_draft_vocab
 
 log = logging.getLogger("draftflow")
@@ -124,23 +127,35 @@ def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: l
                                 feature_dtype=feature_dtype(cfg), progress=cfg.train.progress)
 
 
-def train_from_refs(cfg: Config, aux_ids: list[int], draft_ids: list[int], store, source: RefSource,
-                    provenance: Provenance, run_id: str | None, stop_after: int | None = None) -> RunResult:
+def sample_stream(cfg: Config, store, source: RefSource, release: str, dist, pin_memory: bool, hidden_size: int):
+    """The trainer's step stream for a release policy: the seeded order (colocated
+    runs and retain consumers) or arrival order with commits at checkpoints."""
+    shape = BatchShape(batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
+    if release == "consume_once":
+        return ConsumeOnceStream(store, source, shape, dist, pin_memory, hidden_size)
+    return SeededStream(store, source, shape, dist, pin_memory)
+
+
+def train_from_refs(cfg: Config, target: TargetWeights, aux_ids: list[int], draft_ids: list[int], store,
+                    source: RefSource, provenance: Provenance, run_id: str | None, release: str = "retain",
+                    stop_after: int | None = None) -> RunResult:
     """Train and export: the part a colocated run and a consumer share line for line.
     `run_id` (the manifest's; None for a colocated run) and the provenance go into every
     checkpoint, and a resume refuses a checkpoint of another run."""
     dist = init_distributed(cfg.train.device)
-    embed, lm_head, hf_config = load_target_head(cfg.target)
-    head = TargetHead(embed_weight=embed, lm_head_weight=lm_head, hf_config=hf_config)
-    hidden = head.hf_config.hidden_size
+    hidden = target.hf_config.hidden_size
     if provenance.hidden_size != hidden:
         raise ValueError(f"features have hidden size {provenance.hidden_size} but the target config "
                          f"gives {hidden}")
-    model_cfg = build_draft_config(cfg, head.hf_config, aux_ids, len(draft_ids))
-    facts = target_section(head.hf_config, provenance.to_dict(), load_tokenizer(tokenizer_spec(cfg)))
-    trainer = Trainer(cfg, model_cfg, head, draft_ids, store, source, dist,
-                      extra_meta={"provenance": provenance.to_dict(), "run_id": run_id, "card": facts})
-    last = trainer.fit(stop_after=stop_after)
+    model_cfg = build_draft_config(cfg, target.hf_config, aux_ids, len(draft_ids))
+    facts = target_section(target.hf_config, provenance.to_dict(), load_tokenizer(tokenizer_spec(cfg)))
+    draft = build_draft(model_cfg, target, draft_ids, cfg.train.seed).to(dist.device)
+    state = TrainState(draft, Teacher(target.lm_head_weight, torch.tensor(draft_ids)), cfg.train,
+                       cfg.draft.ttt_length, cfg.draft.loss_decay)
+    stream = sample_stream(cfg, store, source, release, dist, state.pin_memory, hidden)
+    meta = {"draft_config": model_cfg.to_dict(), "draft_ids": draft_ids, "provenance": provenance.to_dict(),
+            "run_id": run_id, "card": facts}
+    last = Trainer(cfg, state, stream, dist, meta, hidden).fit(stop_after=stop_after)
     finish = getattr(source, "finish", None)  # a manifest source checks the seal before the export
     if finish is not None and stop_after is None:
         finish()
@@ -199,8 +214,8 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
     if missing:  # removed, or replaced by something this run did not sign, since capture
         raise StoreError(f"{cfg.features.root}: {len(missing)} captured sample(s) are gone or not signed by this "
                          f"run any more (first: {missing[0]!r}); rerun to capture them again")
-    result = train_from_refs(cfg, aux_ids, plan.draft_ids, store, ListRefSource(refs), provenance, None,
-                             stop_after=stop_after)
+    result = train_from_refs(cfg, load_target_weights(cfg.target), aux_ids, plan.draft_ids, store, ListRefSource(refs),
+                             provenance, None, stop_after=stop_after)
     store.close()
     return RunResult(output_dir=result.output_dir, final_dir=result.final_dir, checkpoint=result.checkpoint,
                      num_samples=len(refs), num_tokens=sum(r.num_tokens for r in refs))
@@ -363,13 +378,20 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
     # The manifest decides the release policy: every consumer of a run must agree on it.
     store = build_store(dataclasses.replace(cfg.features, release=reader.header.release), keys)
     try:
-        if reader.header.release == "consume_once":
-            claims = ClaimBook(control_dir(cfg), default_owner(), cfg.features.claim_timeout_s, keys)
-            source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s)
+        release = reader.header.release
+        if release == "consume_once":
+            # A restart of this consumer (same output_dir and rank) adopts its own claims at
+            # once instead of waiting for them to go stale.
+            identity = consumer_identity(cfg.train.output_dir, int(environ.get("RANK", "0")))
+            claims = ClaimBook(control_dir(cfg), default_owner(identity), cfg.features.claim_timeout_s, keys,
+                               identity=identity)
+            source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s,
+                                       features_root=cfg.features.root)
         else:
             source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
-        return train_from_refs(cfg, list(expected.aux_layer_ids), list(reader.header.draft_vocab), store,
-                               source, reader.header.provenance, reader.header.run_id, stop_after=stop_after)
+        return train_from_refs(cfg, load_target_weights(cfg.target), list(expected.aux_layer_ids),
+                               list(reader.header.draft_vocab), store, source, reader.header.provenance,
+                               reader.header.run_id, release=release, stop_after=stop_after)
     finally:
         store.close()
 

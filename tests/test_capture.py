@@ -12,7 +12,7 @@ import torch
 
 from draftflow.capture.capture import (_FeatureHooks, _to_item, capture_features, pack_batches,
                                        resolve_device_dtype)
-from draftflow.capture.target import (config_hash, default_aux_layer_ids, load_target, load_target_head,
+from draftflow.capture.target import (config_hash, default_aux_layer_ids, load_target, load_embedding_and_lm_head,
                                       resolve_aux_layer_ids)
 from draftflow.config import CaptureConfig, TargetConfig
 from draftflow.control.binding import RunKeys
@@ -161,7 +161,7 @@ def test_folder_target_loads_the_saved_weights(tiny, tmp_path):
 def test_target_head_of_a_folder_equals_the_model_weights(tmp_path, tied, shard):
     model = load_target(tiny_cfg(random={"tie_word_embeddings": tied}), CPU, torch.float32).model
     model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
-    embed, lm_head, hf_config = load_target_head(TargetConfig(path=str(tmp_path)))
+    embed, lm_head, hf_config = load_embedding_and_lm_head(TargetConfig(path=str(tmp_path)))
     assert embed.dtype == lm_head.dtype == torch.float32 and embed.shape == (300, 32)
     assert torch.equal(embed, model.model.embed_tokens.weight)
     assert torch.equal(lm_head, model.lm_head.weight)
@@ -171,7 +171,7 @@ def test_target_head_of_a_folder_equals_the_model_weights(tmp_path, tied, shard)
 
 
 def test_target_head_of_a_random_target_equals_the_model_weights(tiny):
-    embed, lm_head, hf_config = load_target_head(tiny_cfg())
+    embed, lm_head, hf_config = load_embedding_and_lm_head(tiny_cfg())
     assert config_hash(hf_config) == tiny.config_hash
     assert torch.equal(embed, tiny.model.model.embed_tokens.weight)
     assert torch.equal(lm_head, tiny.model.lm_head.weight)
@@ -184,7 +184,7 @@ def test_target_head_refuses_an_untied_folder_without_lm_head(tiny, tmp_path):
     save_file({"model.embed_tokens.weight": tiny.model.model.embed_tokens.weight.contiguous()},
               tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="lm_head.weight"):
-        load_target_head(TargetConfig(path=str(tmp_path)))
+        load_embedding_and_lm_head(TargetConfig(path=str(tmp_path)))
 
 
 # ---- device / dtype --------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_smollm2_gguf_target_loads_via_a_bf16_cache(tmp_path_factory):
     cache = next((tmp_path_factory.getbasetemp()).glob("cache*/gguf/SmolLM2-135M-Instruct.Q4_1-*"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cache.iterdir()}
     assert "quantization_config" not in json.loads((cache / "config.json").read_text())
-    embed, lm_head, hf_config = load_target_head(cfg)
+    embed, lm_head, hf_config = load_embedding_and_lm_head(cfg)
     assert config_hash(hf_config) == first.config_hash
     assert lm_head is embed and embed.shape == (49152, 576)
     assert torch.equal(embed, second.model.model.embed_tokens.weight)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from draftflow.capture.target import load_target, load_target_head
+from draftflow.capture.target import load_target, load_embedding_and_lm_head
 from draftflow.config import load_config
 from draftflow.evaluate import (evaluate, format_results, heldout_prompts, load_exported_draft, read_draft_config,
                                 summary_lines, write_json)
@@ -17,7 +17,7 @@ from draftflow.speculative import (Eagle3Proposer, _TargetRunner, accept_length,
                                    speculative_generate)
 from draftflow.export import export_draft
 from draftflow.roles import plan_data, target_hf_config
-from draftflow.train.trainer import TargetHead, build_draft, build_draft_config
+from draftflow.train.trainer import TargetWeights, build_draft, build_draft_config
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 AUX = [1, 3, 4]  # the EAGLE3 default for the tiny 8-layer target
@@ -38,9 +38,9 @@ def draft_dir(cfg, tmp_path_factory):
     """A randomly initialised draft (the trainer's step-0 draft), exported for serving."""
     hf = target_hf_config(cfg)
     plan = plan_data(cfg, hf.vocab_size)
-    embed, lm_head, hf = load_target_head(cfg.target)
+    embed, lm_head, hf = load_embedding_and_lm_head(cfg.target)
     model_cfg = build_draft_config(cfg, hf, AUX, len(plan.draft_ids))
-    draft = build_draft(model_cfg, TargetHead(embed, lm_head, hf), plan.draft_ids, seed=0)
+    draft = build_draft(model_cfg, TargetWeights(embed, lm_head, hf), plan.draft_ids, seed=0)
     return export_draft(draft.state_dict(), model_cfg, tmp_path_factory.mktemp("draft") / "final")
 
 

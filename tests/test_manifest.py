@@ -423,8 +423,9 @@ def test_manifest_of_unknown_format_version_is_refused(tmp_path):
 # ------------------------------------------------------------------ consume-once claims
 
 def test_consumers_holding_claims_do_not_wait_on_each_other(tmp_path):
-    """Two consumers each hold one untrained claim at the end of a sealed run: neither
-    may block on the other's claim (that deadlocked until the wait timeout)."""
+    """Two consumers each hold one uncommitted claim at the end of a sealed run: neither
+    may block on the other's claim (that deadlocked until the wait timeout); once both
+    commit, the stream ends."""
     from draftflow.control.binding import RunKeys
     from draftflow.control.claims import ClaimBook
     from draftflow.control.sources import ClaimingRefSource
@@ -449,7 +450,9 @@ def test_consumers_holding_claims_do_not_wait_on_each_other(tmp_path):
     with pytest.raises(Pending):
         b.resolve(1)
     assert time.monotonic() - start < 5
-    a.trained([x.sample_id])
-    b.trained([y.sample_id])
+    a.commit([x.sample_id])
+    b.commit([y.sample_id])
+    a.close()  # waits for the commits in flight
+    b.close()
     with pytest.raises(EndOfStream):  # all done: nothing left to wait for
         a.resolve(1)

@@ -11,8 +11,7 @@ from draftflow.config import load_config
 from draftflow.control.manifest import ManifestError
 from draftflow.roles import run_colocated
 from draftflow.train.batches import SampleOrder, collate
-from draftflow.train.chunked_loss import chunked_ttt_loss, loss_inputs
-from draftflow.train.loss import Teacher
+from draftflow.train.loss import DraftLoss, Teacher, prepare, ttt_loss
 from draftflow.train.metrics import read_metrics
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 
@@ -45,8 +44,8 @@ def test_padding_and_prompt_only_samples_do_not_change_the_loss():
 
     def loss_and_grad(batch):
         draft.zero_grad()
-        x = loss_inputs(teacher, batch, 3, chunk=8)  # two chunks of rows
-        loss, _ = chunked_ttt_loss(draft, x, 0.8, x.counts().tolist(), chunk=8)
+        x = prepare(teacher, batch, 3, chunk=8)  # two chunks of rows
+        loss = ttt_loss(draft, x, 0.8, x.counts().tolist(), chunk=8).loss
         loss.backward()
         return loss.detach(), draft.fc.weight.grad.clone()
 
@@ -77,8 +76,9 @@ def test_row_gathered_loss_equals_the_dense_masked_definition():
     batch = collate([sample(13, 4), sample(9, 6), sample(3, 0)], ["a", "b", "c"])
     steps, decay = 4, 0.8
     draft.zero_grad()
-    x = loss_inputs(teacher, batch, steps, chunk=5)
-    loss, sums = chunked_ttt_loss(draft, x, decay, x.counts().tolist(), chunk=5)
+    x = prepare(teacher, batch, steps, chunk=5)
+    out = ttt_loss(draft, x, decay, x.counts().tolist(), chunk=5)
+    loss = out.loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
 
@@ -101,7 +101,7 @@ def test_row_gathered_loss_equals_the_dense_masked_definition():
     ref.backward()
     assert counts == x.counts().tolist() and 0 < counts[-1] < counts[0]
     assert x.counts_all().tolist() == loss_rows and all(c < r for c, r in zip(counts, loss_rows))
-    assert [int(sums[f"acc_{k}"]) for k in range(steps)] == hits
+    assert out.correct.shape == (steps,) and out.correct.long().tolist() == hits
     assert torch.allclose(loss, ref, rtol=1e-6)
     for name, g in grads.items():
         assert torch.allclose(g, draft.get_parameter(name).grad, rtol=1e-5, atol=1e-8), name
@@ -173,10 +173,10 @@ def test_torchrun_two_processes_shard_data_and_agree(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
 
 
-def _loss_module_grads(loss_module, draft, batch, teacher):
+def _loss_module_grads(loss_module, draft, batch):
     draft.zero_grad()
-    x = loss_inputs(teacher, batch, 4)
-    loss, _ = loss_module(x, 0.8, x.counts().tolist())
+    x = loss_module.prepare(batch)
+    loss = loss_module(x, x.counts().tolist())[0]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
 
@@ -184,8 +184,6 @@ def _loss_module_grads(loss_module, draft, batch, teacher):
 @pytest.mark.parametrize("options", [{"recompute": "always"}, {"recompute": "always", "compile": True}])
 def test_recomputed_and_compiled_layer_give_the_eager_loss_and_gradients(options):
     """train.recompute and train.compile change memory and speed, not the math."""
-    from draftflow.train.parallelize import DraftLoss
-
     torch.manual_seed(0)
     cfg = DraftModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=8, vocab_size=40, draft_vocab_size=40, target_hidden_size=32,
@@ -196,8 +194,8 @@ def test_recomputed_and_compiled_layer_give_the_eager_loss_and_gradients(options
     t = 20
     batch = collate([{"input_ids": torch.randint(0, 40, (t,)), "loss_mask": torch.ones(t, dtype=torch.uint8),
                       "aux_hidden": torch.randn(t, 96), "last_hidden": torch.randn(t, 32)}], ["a"])
-    l0, g0 = _loss_module_grads(DraftLoss(draft, recompute="never"), draft, batch, teacher)
-    l1, g1 = _loss_module_grads(DraftLoss(draft, **options), draft, batch, teacher)
+    l0, g0 = _loss_module_grads(DraftLoss(draft, teacher, 4, 0.8, recompute="never"), draft, batch)
+    l1, g1 = _loss_module_grads(DraftLoss(draft, teacher, 4, 0.8, **options), draft, batch)
     assert g1.keys() == g0.keys() and "midlayer.mlp.up_proj.weight" in g1
     exact = "compile" not in options  # recomputation repeats the same ops; a compiled graph fuses them
     assert torch.allclose(l1, l0, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
@@ -221,10 +219,8 @@ def test_compiled_teacher_gives_the_eager_targets():
 
 
 def test_unknown_recompute_mode_names_the_key():
-    from draftflow.train.parallelize import DraftLoss
-
     with pytest.raises(ValueError, match=r"train.recompute: 'sometimes', expected one of auto, always, never"):
-        DraftLoss(torch.nn.Linear(1, 1), recompute="sometimes")
+        DraftLoss(torch.nn.Linear(1, 1), Teacher(torch.zeros(2, 1), torch.arange(2)), 1, 0.8, recompute="sometimes")
 
 
 def test_in_order_runs_calls_in_order_and_raises_their_errors():
@@ -234,7 +230,7 @@ def test_in_order_runs_calls_in_order_and_raises_their_errors():
     import threading
     import time
 
-    from draftflow.train.trainer import InOrder
+    from draftflow.control.sources import InOrder
 
     seen = []
     book = InOrder("test")
@@ -262,11 +258,12 @@ def test_in_order_runs_calls_in_order_and_raises_their_errors():
 
 
 def test_a_failed_bookkeeping_call_ends_a_loader_wait():
-    """FeatureLoader.fail: a trainer blocked in next() gets the error instead of
-    waiting forever for a loader that waits on samples the failed call never freed."""
+    """A source Pending with nothing in hand hands out PENDING (the trainer must commit)
+    and waits for resume(); FeatureLoader.fail: a trainer blocked in next() meanwhile
+    gets the error instead of waiting forever on a commit that failed."""
     import threading
 
-    from draftflow.train.batches import FeatureLoader, Pending
+    from draftflow.train.batches import PENDING, FeatureLoader, Pending
 
     class NeverReady:
         num_samples = 4
@@ -277,6 +274,7 @@ def test_a_failed_bookkeeping_call_ends_a_loader_wait():
     loader = FeatureLoader(store=None, source=NeverReady(), order=SampleOrder(4, 0, 2, 1), start_step=0,
                            end_step=2)
     try:
+        assert loader.next(0) == PENDING
         threading.Timer(0.3, loader.fail, [OSError("bookkeeping: disk gone")]).start()
         with pytest.raises(OSError, match="disk gone"):
             loader.next(0)
@@ -297,8 +295,8 @@ def test_a_batch_shorter_than_the_unroll_trains_nothing_but_reaches_every_parame
         batch = collate([{"input_ids": torch.randint(0, 30, (t,)), "loss_mask": torch.full((t,), mask, dtype=torch.uint8),
                           "aux_hidden": torch.randn(t, 48), "last_hidden": torch.randn(t, 16)}], ["e"])
         draft.zero_grad()
-        x = loss_inputs(teacher, batch, 7)
-        loss, _ = chunked_ttt_loss(draft, x, 0.8, x.counts().tolist())
+        x = prepare(teacher, batch, 7)
+        loss = ttt_loss(draft, x, 0.8, x.counts().tolist()).loss
         loss.backward()
         assert x.counts().tolist() == [float(mask)] + [0.0] * 6  # T=3: step 0 at t=0 predicts token 2
         assert (float(loss) == 0.0) == (mask == 0) and torch.isfinite(loss)
@@ -326,3 +324,101 @@ def test_cuda_work_sizes_the_host_thread_pool_unless_omp_num_threads_is_set(monk
         assert torch.get_num_threads() == CUDA_HOST_THREADS + 2
     finally:
         torch.set_num_threads(before)
+
+
+ELASTIC_WORKER = """
+import sys
+from draftflow.config import load_config
+from draftflow.roles import run_colocated
+from draftflow.train.distributed import shutdown
+cfg = load_config([sys.argv[1]], sys.argv[3:])
+run_colocated(cfg, stop_after=int(sys.argv[2]) or None)
+shutdown()
+"""
+
+
+def _elastic(tmp: Path, ranks: int, stop_after: int, *overrides: str) -> None:
+    """run_colocated on `ranks` gloo processes (torchrun), stopping after `stop_after` steps (0: to the end)."""
+    import subprocess
+    import sys
+
+    script = tmp / "elastic_worker.py"
+    script.write_text(ELASTIC_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29541",
+           str(script), str(TINY), str(stop_after), f"features.root={tmp / 'feat'}", "train.progress=false",
+           "train.tensorboard=false", "data.max_samples=16", "train.max_steps=6", "train.log_every=1", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_elastic_resume_two_ranks_to_one_and_one_to_two(tmp_path):
+    """A checkpoint written by 2 ranks resumes on 1, and one of 1 rank on 2 (CPU, gloo).
+    2 ranks x batch 2 and 1 rank x 2 micro-batches of 2 train the same samples per step
+    and sum the same two gradients, so 2 -> 1 ends bit-identical to an uninterrupted
+    one-process run. 1 -> 2 with batch 2 on both sides doubles the samples per step:
+    the resumed ranks continue the seeded stream exactly where the checkpoint left it."""
+    one = ("train.grad_accum=2", "train.batch_size=2")
+    straight = tiny_config(tmp_path, *one, "data.max_samples=16", "train.max_steps=6", "train.log_every=1",
+                           f"train.output_dir={tmp_path / 'straight'}")
+    run_colocated(straight)  # also captures the features every later run reuses
+    _elastic(tmp_path, 2, 3, "train.batch_size=2", f"train.output_dir={tmp_path / 'two_one'}")
+    assert json.loads((tmp_path / "two_one/checkpoints/step_00000003/meta.json").read_text())["world_size"] == 2
+    run_colocated(tiny_config(tmp_path, *one, "data.max_samples=16", "train.max_steps=6", "train.log_every=1",
+                              f"train.output_dir={tmp_path / 'two_one'}"))
+    wa = load_file(str(tmp_path / "straight/final/model.safetensors"))
+    wb = load_file(str(tmp_path / "two_one/final/model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # the logged loss is a sum whose float order follows the intra-op thread count (torchrun ran with 1)
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in read_metrics(tmp_path / "straight/metrics.jsonl")]),
+                               torch.tensor([m["loss"] for m in read_metrics(tmp_path / "two_one/metrics.jsonl")]),
+                               rtol=1e-6, atol=0)
+
+    run_colocated(tiny_config(tmp_path, "train.batch_size=2", "data.max_samples=16", "train.max_steps=6",
+                              "train.log_every=1", f"train.output_dir={tmp_path / 'one_two'}"), stop_after=3)
+    _elastic(tmp_path, 2, 0, "train.batch_size=2", f"train.output_dir={tmp_path / 'one_two'}")
+    assert (tmp_path / "one_two/final/model.safetensors").exists()
+    logs = {r: [json.loads(line) for line in (tmp_path / f"one_two/samples.rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)}
+    stream = [s for line in logs[0] if line["step"] <= 3 for s in line["samples"]]  # 3 steps x 2 on one rank
+    for step in range(4, 7):  # then per step: rank 0's 2 samples, rank 1's 2
+        stream += [s for r in range(2) for line in logs[r] if line["step"] == step for s in line["samples"]]
+    order = SampleOrder(num_samples=16, seed=0, batch_size=1, grad_accum=1)
+    assert stream == [f"s{order.position(p):06d}" for p in range(3 * 2 + 3 * 4)]
+
+
+def test_a_checkpoint_of_the_earlier_plain_format_still_resumes_exactly(tmp_path):
+    """Before one format served every layout, CPU runs wrote optimizer.pt (the optimizer's
+    own state_dict, parameters by position) and trainer.pt with the RNG inside, and no
+    `layout` in meta.json. Such a checkpoint resumes to the uninterrupted run's weights."""
+    import shutil
+
+    from draftflow.train import checkpoint as ckpt
+    from draftflow.train.loss import Teacher
+    from draftflow.train.parallel import TrainState
+
+    overrides = ("train.max_steps=6", "data.max_samples=12", "train.batch_size=2", "train.log_every=1")
+    run_colocated(tiny_config(tmp_path / "a", *overrides))
+    cfg = tiny_config(tmp_path / "b", *overrides)
+    first = run_colocated(cfg, stop_after=3).checkpoint
+    # Rewrite the checkpoint in the plain format from what it holds.
+    meta = json.loads((first / "meta.json").read_text())
+    draft = Eagle3Draft(DraftModelConfig.from_dict(meta["draft_config"]))
+    state = TrainState(draft, Teacher(torch.zeros(draft.cfg.vocab_size, 1), torch.arange(2)), cfg.train,
+                       cfg.draft.ttt_length, cfg.draft.loss_decay)
+    state.load(first)
+    torch.save(state.optimizer.state_dict(), first / "optimizer.pt")
+    trainer = torch.load(first / "trainer.pt", weights_only=True)
+    torch.save({"scheduler": trainer["scheduler"], "rng": torch.load(first / "rng.rank0.pt", weights_only=True),
+                "step": 3}, first / "trainer.pt")
+    shutil.rmtree(first / "dcp")
+    (first / "rng.rank0.pt").unlink()
+    del meta["layout"], meta["world_size"]
+    (first / "meta.json").write_text(json.dumps(meta))
+    assert ckpt.read_meta(first).get("layout") is None
+    run_colocated(cfg)
+    wa = load_file(str(tmp_path / "a/run/final/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/run/final/model.safetensors"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

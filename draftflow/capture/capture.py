@@ -214,10 +214,10 @@ def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: t
 def _to_pinned_samples(batch: list[_Item], aux: torch.Tensor, last: torch.Tensor) -> list[dict]:
     """Each sample's rows copied straight from the GPU into its own pinned host tensors.
 
-    A pageable `.cpu()` of a whole batch ran at 1.3 GB/s on an H200 host (the copy is
-    staged and the fresh pages faulted in), then each sample was cloned out of it;
-    pinned copies run at the link's rate (~50 GB/s), and PyTorch's caching host
-    allocator hands the same pinned blocks back once the store has let go of them.
+    A pageable `.cpu()` of a whole batch is staged and faults in fresh pages, then each
+    sample had to be cloned out of it; pinned copies run at the link's rate, and
+    PyTorch's caching host allocator hands the same pinned blocks back once the store
+    has let go of them (docs/benchmarks.md has the rates).
     """
     out = []
     for row, item in enumerate(batch):

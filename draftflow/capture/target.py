@@ -220,7 +220,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
-def load_target_head(target_cfg) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def load_embedding_and_lm_head(target_cfg) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(embed_weight [V, H], lm_head_weight [V, H], hf_config) of the target, float32 on CPU.
 
     What a consumer needs of the target (the draft's frozen embedding and the teacher's

@@ -422,12 +422,14 @@ class ManifestReader:
             cursor.check_sealed(*found)
         return refs
 
-    def follow(self, timeout_s: float, poll_s: float = 0.1) -> Iterator[SampleRef]:
+    def follow(self, timeout_s: float, poll_s: float = 0.1, idle=None) -> Iterator[SampleRef | None]:
         """Yield refs as the producer journals them, until the run is sealed.
 
         Raises ProducerFailedError (with the producer's error) if the run was marked
         failed, and ProducerTimeoutError if nothing new arrives for `timeout_s`
-        (time the caller spends between refs does not count).
+        (time the caller spends between refs does not count). `idle`: called at each
+        poll that found nothing new; when it returns true, None is yielded, so the
+        caller can act on the wait and come back to the same follow.
         """
         cursor = self._cursor()
         last_progress = time.monotonic()
@@ -444,6 +446,8 @@ class ManifestReader:
                 cursor.check_sealed(*found)
                 return
             if not got_any:
+                if idle is not None and idle():
+                    yield None
                 if time.monotonic() - last_progress > timeout_s:
                     raise ProducerTimeoutError(
                         f"timed out after {timeout_s:g} s waiting for the producer at {self.control_dir} "

@@ -35,6 +35,34 @@ class UnsignedSampleError(StoreError):
     """A sample's ref is not signed under this run's secret for this store."""
 
 
+class RoomWanted:
+    """The producer's "waiting for room" flag (consume-once back-pressure), whatever
+    the backend: `control/progress/room-wanted` exists while a put waits for consumers
+    to free room. Consumers free samples only when a checkpoint holding their training
+    is published; one that sees the flag while holding such samples checkpoints early
+    instead of waiting for data that cannot come. Advisory: a stale flag (a producer
+    killed while waiting) costs at most one early checkpoint per wait."""
+
+    def __init__(self, features_root: str | Path):
+        self.path = Path(features_root) / "control" / "progress" / "room-wanted"
+        self._raised = False
+
+    def raise_flag(self) -> None:
+        if not self._raised:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            self._raised = True
+
+    def lower_flag(self) -> None:
+        """After a wait (a no-op, without a file-system call, when none was needed)."""
+        if self._raised:
+            self.path.unlink(missing_ok=True)
+            self._raised = False
+
+    def wanted(self) -> bool:
+        return self.path.exists()
+
+
 def check_signed(keys, ref: SampleRef, where) -> None:
     """Refuse a ref this run did not sign (`control.binding.RunKeys`): planted, copied
     from another store, or written by an older DraftFlow. One HMAC over the ref's JSON."""
@@ -93,9 +121,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 # Feature checksums. "xxh3_64c8m:<hex>" (written since 2026-11-26): xxh3_64 of each
 # 8 MiB chunk of the bytes, hashed on a few threads at once (xxhash releases the GIL), then
-# xxh3_64 over the chunks' 8-byte little-endian digests. On two cores a 64 MiB feature
-# read back from Mooncake verifies in 4.0 ms instead of 5.9 (one sequential xxh3 cannot be
-# split), and more cores shorten it further. "xxh3_64:<hex>" (one xxh3_64 over all the
+# xxh3_64 over the chunks' 8-byte little-endian digests: one sequential xxh3 cannot be
+# split over cores, chunks can (docs/benchmarks.md has the timings). "xxh3_64:<hex>" (one xxh3_64 over all the
 # bytes) is what earlier versions wrote; it is still verified. `checksum` and a read that
 # hashes as bytes land (`LandingChecksum`) share one chunking path.
 CHECKSUM_CHUNK = 8 << 20

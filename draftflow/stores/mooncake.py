@@ -11,7 +11,7 @@ RPC is made on either path.
 Reads. A get reads the features with `get_into_ranges` (byte ranges of their
 objects), not `batch_get_into`: in mooncake 0.3.13 the latter spins on a core while
 it waits for the transfer, which on a small host slows the very transfer it waits
-for (1.5x on 2 cores over loopback TCP); `get_into_ranges` blocks. With
+for (docs/benchmarks.md); `get_into_ranges` blocks. With
 `features.mooncake.chunk_bytes` set, the sample's bytes are cut into chunks that a
 worker thread reads in order while this thread hashes each chunk that has landed,
 so only the last chunk's hash is not hidden behind a transfer.
@@ -53,8 +53,8 @@ import torch
 import xxhash
 
 from draftflow.records import SampleRef, validate_sample_id
-from draftflow.stores.base import (LandingChecksum, Lease, StoreError, algorithm_of, check_signed, checksum_mismatch,
-                                   make_spec, signed_or_none, tensor_bytes)
+from draftflow.stores.base import (LandingChecksum, Lease, RoomWanted, StoreError, algorithm_of, check_signed,
+                                   checksum_mismatch, make_spec, signed_or_none, tensor_bytes)
 from draftflow.stores.mooncake_service import MooncakeService, apply_mooncake_env, http_get, port_open
 from draftflow.stores.shared_dir import resolve_release
 
@@ -247,6 +247,7 @@ class MooncakeStore:
         self.chunk_bytes = mc.chunk_bytes
         self.master = mc.master
         self.full_timeout_s = mc.full_timeout_s
+        self._room = RoomWanted(features_cfg.root)
         self._service = service
         self._client = _connect(mc)
         self._pool = _BufferPool(mc.buffer_bytes)
@@ -329,24 +330,28 @@ class MooncakeStore:
                        sizes: list[int]) -> None:
         deadline = time.monotonic() + self.full_timeout_s
         delay = 0.01
-        while True:
-            codes = self._client.batch_put_from(keys, ptrs, sizes, self._pin)
-            if all(c == 0 for c in codes):
-                return
-            # A batch can half succeed; a partial sample must not stay behind.
-            self._remove([k for k, c in zip(keys, codes) if c == 0], f"sample {sample_id!r}")
-            code = next(c for c in codes if c != 0)
-            if code != NO_AVAILABLE_HANDLE:
-                raise error_for(code, f"sample {sample_id!r}: put")
-            if time.monotonic() + delay > deadline:
-                raise StoreFullError(
-                    f"store full: no room for sample {sample_id!r} ({num_bytes} bytes) after waiting "
-                    f"{self.full_timeout_s:g} s (features.mooncake.full_timeout_s): consumers are not releasing "
-                    "samples, the segment (features.mooncake.segment_bytes) is smaller than a sample, or no "
-                    "segment holder is running",
-                    NO_AVAILABLE_HANDLE)
-            time.sleep(delay)
-            delay = min(2 * delay, 0.5)
+        try:
+            while True:
+                codes = self._client.batch_put_from(keys, ptrs, sizes, self._pin)
+                if all(c == 0 for c in codes):
+                    return
+                # A batch can half succeed; a partial sample must not stay behind.
+                self._remove([k for k, c in zip(keys, codes) if c == 0], f"sample {sample_id!r}")
+                code = next(c for c in codes if c != 0)
+                if code != NO_AVAILABLE_HANDLE:
+                    raise error_for(code, f"sample {sample_id!r}: put")
+                self._room.raise_flag()  # consume-once consumers checkpoint early to free samples
+                if time.monotonic() + delay > deadline:
+                    raise StoreFullError(
+                        f"store full: no room for sample {sample_id!r} ({num_bytes} bytes) after waiting "
+                        f"{self.full_timeout_s:g} s (features.mooncake.full_timeout_s): consumers are not releasing "
+                        "samples, the segment (features.mooncake.segment_bytes) is smaller than a sample, or no "
+                        "segment holder is running",
+                        NO_AVAILABLE_HANDLE)
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
+        finally:
+            self._room.lower_flag()
 
     def lookup(self, sample_id: str, index: int) -> SampleRef | None:
         """The published ref of `sample_id`, or None; one read plus one batched existence check."""

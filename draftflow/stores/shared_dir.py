@@ -33,7 +33,7 @@ from draftflow.control.claims import default_owner
 from draftflow.control.manifest import RELEASE_POLICIES
 from draftflow.fsutil import naming
 from draftflow.records import SampleRef
-from draftflow.stores.base import StoreError
+from draftflow.stores.base import RoomWanted, StoreError
 from draftflow.stores.local import LocalStore
 
 _COUNTER_WIDTH = 20  # digits; fits any byte count, so every write has the same size
@@ -85,6 +85,7 @@ class SharedDirStore(LocalStore):
         self.release_policy = resolve_release(features_cfg.release)
         self.max_inflight_bytes = features_cfg.max_inflight_bytes
         self.wait_timeout_s = features_cfg.wait_timeout_s
+        self._room = RoomWanted(self.root)
         self.owner = owner or default_owner()
         self._published: _Counter | None = None  # opened on the first put: producers only
         self._consumed: _Counter | None = None  # opened on the first release: consumers only
@@ -126,12 +127,19 @@ class SharedDirStore(LocalStore):
         """
         if self.release_policy != "consume_once":
             return
+        try:
+            self._wait_for_room(num_bytes, poll_s)
+        finally:
+            self._room.lower_flag()
+
+    def _wait_for_room(self, num_bytes: int, poll_s: float) -> None:
         last_consumed, last_progress = None, time.monotonic()
         while True:
             consumed = self._total_consumed()
             inflight = self._total_published() - consumed
             if inflight <= 0 or inflight + num_bytes <= self.max_inflight_bytes:
                 return
+            self._room.raise_flag()  # consume-once consumers checkpoint early to free samples
             if consumed != last_consumed:
                 last_consumed, last_progress = consumed, time.monotonic()
             elif time.monotonic() - last_progress > self.wait_timeout_s:

@@ -67,6 +67,9 @@ class Pending(Exception):
     of our own could deadlock two consumers that each wait on the other's)."""
 
 
+PENDING = "pending"  # FeatureLoader.next: commit what was trained, then ask again
+
+
 class RefSource(Protocol):
     """Maps a sample index to its ref; a streaming source blocks until it exists."""
 
@@ -96,7 +99,9 @@ class SampleOrder:
     The global stream is the concatenation of per-epoch permutations (seeded by
     seed and epoch), so there is no tail drop and no repeat within an epoch; each
     optimizer step takes the next world*accum*batch samples of the stream. Because
-    the order is a function of the step, resuming needs only the step number.
+    the order is a function of the step, resuming needs only the step and the
+    stream position it reached (`origin`), which a checkpoint keeps: a run resumed
+    on another number of ranks continues the stream where the checkpoint left it.
     """
 
     num_samples: int
@@ -105,13 +110,22 @@ class SampleOrder:
     grad_accum: int
     world_size: int = 1
     rank: int = 0
+    origin: tuple[int, int] = (0, 0)  # (step, stream position at that step)
+
+    @property
+    def per_step(self) -> int:
+        return self.world_size * self.grad_accum * self.batch_size
 
     def epoch_perm(self, epoch: int) -> tuple[int, ...]:
         return _epoch_perm(self.seed, self.num_samples, epoch)
 
+    def start_of(self, step: int) -> int:
+        """Stream position of the first sample of `step`."""
+        origin_step, origin_position = self.origin
+        return origin_position + (step - origin_step) * self.per_step
+
     def micro_batches(self, step: int) -> list[list[int]]:
-        per_step = self.world_size * self.grad_accum * self.batch_size
-        start = step * per_step
+        start = self.start_of(step)
         out = []
         for m in range(self.grad_accum):
             first = start + (m * self.world_size + self.rank) * self.batch_size
@@ -123,7 +137,7 @@ class SampleOrder:
         return self.epoch_perm(epoch)[offset]
 
     def epoch_of(self, step: int) -> float:
-        return step * self.world_size * self.grad_accum * self.batch_size / self.num_samples
+        return self.start_of(step) / self.num_samples
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,23 +148,32 @@ def _epoch_perm(seed: int, num_samples: int, epoch: int) -> tuple[int, ...]:
 
 
 class FeatureLoader:
-    """Prefetches the micro-batches of upcoming steps in a background thread."""
+    """Prefetches the micro-batches of upcoming steps in a background thread.
+
+    ordered: each item belongs to one step of `order` (a seeded order); otherwise
+    (arrival order, consume-once) only the micro-batch sizes come from `order`.
+    When the source raises `Pending` with nothing in hand, the loader hands out
+    `PENDING` (after the steps already queued) and waits for `resume()`: the trainer
+    must first commit what it trained, which frees the claims others may wait on.
+    """
 
     def __init__(self, store, source: RefSource, order: SampleOrder, start_step: int, end_step: int,
-                 check_ref=None, prefetch_steps: int = 2, pin_memory: bool = False):
+                 check_ref=None, prefetch_steps: int = 2, pin_memory: bool = False, ordered: bool = True):
         self.store, self.source, self.order = store, source, order
-        self.pin_memory = pin_memory
+        self.pin_memory, self.ordered = pin_memory, ordered
         self.check_ref = check_ref or (lambda ref: None)
         self.ended = False
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch_steps)
         self.wait_s = 0.0
         self._stop = threading.Event()
+        self._resumed = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start_step, end_step), daemon=True)
         self._thread.start()
 
-    def load_step(self, step: int) -> list[TrainBatch]:
-        """The micro-batches of one step; fewer or smaller ones when a stream ends
-        inside the step (the tail is trained, not dropped); [] once it has ended."""
+    def load_step(self, step: int) -> tuple[list[TrainBatch], bool]:
+        """The micro-batches of one step, and whether the source was Pending: fewer or
+        smaller ones when a stream ends or pauses inside the step (the tail is
+        trained, not dropped); none once it has ended."""
         batches, pending = [], False
         for indices in self.order.micro_batches(step):
             refs = []
@@ -176,29 +199,39 @@ class FeatureLoader:
                     self.store.release(lease)
             if self.ended or pending:
                 break
-        return batches
+        return batches, pending
 
     def _run(self, start: int, end: int) -> None:
         try:
-            for step in range(start, end):
-                item = (step, self.load_step(step))
-                while not item[1] and not self.ended:  # Pending with nothing in hand: the trainer
-                    if self._stop.wait(0.05):          # must first train the steps queued before
+            step = start
+            while step < end:
+                batches, pending = self.load_step(step)
+                if not batches and pending:  # the trainer must commit first (see class docstring)
+                    self._resumed.clear()
+                    if not self._put((step, PENDING)):
                         return
-                    item = (step, self.load_step(step))
-                if not item[1]:
-                    self.queue.put(item)
+                    while not self._resumed.wait(0.1):
+                        if self._stop.is_set():
+                            return
+                    continue
+                if not self._put((step, batches)) or not batches:
                     return
-                while not self._stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
+                step += 1
         except BaseException as e:  # surface loader failures in the training thread
             self.queue.put((None, e))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def resume(self) -> None:
+        """The trainer committed: a loader waiting after `PENDING` tries again."""
+        self._resumed.set()
 
     def fail(self, error: BaseException) -> None:
         """Make the trainer's next `next` raise `error` (a failure elsewhere, e.g. in the
@@ -208,14 +241,16 @@ class FeatureLoader:
         except queue.Full:
             pass  # the trainer is not waiting: the failure's owner raises it itself
 
-    def next(self, step: int) -> list[TrainBatch]:
-        """The step's micro-batches; an empty list once the source has ended."""
+    def next(self, step: int):
+        """The step's micro-batches; an empty list once the source has ended; `PENDING`
+        when the trainer must commit before more can come."""
         t0 = time.perf_counter()
         got_step, item = self.queue.get()
         self.wait_s += time.perf_counter() - t0
         if got_step is None:
             raise item
-        assert got_step == step, f"loader out of step: got {got_step}, expected {step}"
+        if self.ordered and got_step != step:
+            raise RuntimeError(f"loader out of step: got {got_step}, expected {step}")
         return item
 
     def close(self) -> None:

@@ -53,8 +53,8 @@ def host_threads(device: torch.device):
     On CUDA the host only reads and writes files, hashes and copies batches, yet a lone
     process's pool has a thread per core; a producer and a consumer on one host then
     keep twice as many threads busy as there are cores, and the thread that launches
-    the kernels waits for one (measured: a consumer's step 1.2-1.35x the same step run
-    alone). CUDA work therefore uses CUDA_HOST_THREADS, unless OMP_NUM_THREADS says
+    the kernels waits for one (a consumer's steps slow down: docs/architecture.md,
+    devices). CUDA work therefore uses CUDA_HOST_THREADS, unless OMP_NUM_THREADS says
     otherwise. CPU work keeps every core: there the pool does the compute (several
     processes on one CPU host need OMP_NUM_THREADS each, see docs/disaggregated.md).
     """

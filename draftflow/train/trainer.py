@@ -1,17 +1,15 @@
-"""The training loop: AdamW, warmup + cosine, accumulation, clipping, checkpoints.
+"""The training loop: steps from a stream, checkpoints, metrics.
 
-The trainer sees a FeatureStore, a ref source and a sample order; it does not
-know which role or backend produced the features.
+The trainer sees a `stream.StepStream` (what to train at each step) and a
+`parallel.TrainState` (how one step runs and how state is saved); it does not know
+the device, the parallelism, the role, the backend or the release policy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,26 +18,32 @@ from tqdm import tqdm
 
 from draftflow.config import Config
 from draftflow.train import checkpoint as ckpt
-from draftflow.train.batches import FeatureLoader, RefSource, SampleOrder, TrainBatch
-from draftflow.train.distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, host_threads
-from draftflow.train.chunked_loss import loss_inputs
-from draftflow.train.loss import Teacher
+from draftflow.train.distributed import DistInfo, barrier, host_threads
 from draftflow.train.metrics import MetricsLogger, truncate_after
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
-from draftflow.train.parallelize import (compile_enabled, load_sharded_checkpoint, loss_module,
-                                         save_sharded_checkpoint)
+from draftflow.train.parallel import TrainState
 from draftflow.train.vocab import vocab_maps
 
 log = logging.getLogger("draftflow.train")
 
 
 @dataclass(frozen=True, slots=True)
-class TargetHead:
-    """The frozen target tensors a draft trainer needs, and the target's config."""
+class TargetWeights:
+    """The frozen target tensors a draft trainer needs (embedding and lm_head), and
+    the target's config."""
 
     embed_weight: torch.Tensor  # [V, H]
     lm_head_weight: torch.Tensor  # [V, H]
     hf_config: object
+
+
+def load_target_weights(target_cfg) -> TargetWeights:
+    """The target's embedding and lm_head (what the draft shares and learns from),
+    without loading its decoder layers."""
+    from draftflow.capture.target import load_embedding_and_lm_head
+
+    embed, lm_head, hf_config = load_embedding_and_lm_head(target_cfg)
+    return TargetWeights(embed_weight=embed, lm_head_weight=lm_head, hf_config=hf_config)
 
 
 def build_draft_config(cfg: Config, hf_config, aux_layer_ids, num_draft_vocab: int) -> DraftModelConfig:
@@ -71,166 +75,37 @@ def build_draft_config(cfg: Config, hf_config, aux_layer_ids, num_draft_vocab: i
     )
 
 
-def build_draft(model_cfg: DraftModelConfig, head: TargetHead, draft_ids: list[int], seed: int) -> Eagle3Draft:
+def build_draft(model_cfg: DraftModelConfig, target: TargetWeights, draft_ids: list[int], seed: int) -> Eagle3Draft:
     """A fresh draft, initialised deterministically from `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         draft = Eagle3Draft(model_cfg)
     with torch.no_grad():
-        draft.embed_tokens.weight.copy_(head.embed_weight)
+        draft.embed_tokens.weight.copy_(target.embed_weight)
         # Start the draft head from the target's rows for the draft vocab: the draft's
         # final hidden state lives in the target's space, so this is a good prior.
-        draft.lm_head.weight.copy_(head.lm_head_weight[torch.tensor(draft_ids)])
+        draft.lm_head.weight.copy_(target.lm_head_weight[torch.tensor(draft_ids)])
         d2t, t2d = vocab_maps(draft_ids, model_cfg.vocab_size)
         draft.d2t.copy_(d2t)
         draft.t2d.copy_(t2d)
     return draft
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-class InOrder:
-    """Runs calls one after another on a background thread. A failed call's error goes
-    to `on_error` at once, and is raised by the next `submit` or by `close` (which
-    waits for all calls)."""
-
-    def __init__(self, what: str, on_error=None):
-        self.what, self.on_error = what, on_error
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=what.replace(" ", "-"))
-        self._pending: deque[Future] = deque()
-
-    def submit(self, fn, *args) -> None:
-        self._raise_failed(wait=False)
-        self._pending.append(self._pool.submit(self._call, fn, *args))
-
-    def _call(self, fn, *args):
-        try:
-            return fn(*args)
-        except BaseException as e:
-            if self.on_error is not None:
-                self.on_error(e)
-            raise
-
-    def close(self, raise_errors: bool = True) -> None:
-        """Wait for every call; raise the first error (log the others), or only log
-        them (raise_errors=False: the caller is already failing)."""
-        self._pool.shutdown(wait=True)
-        self._raise_failed(wait=True, raise_errors=raise_errors)
-
-    def _raise_failed(self, wait: bool, raise_errors: bool = True) -> None:
-        errors = []
-        while self._pending and (wait or self._pending[0].done()):  # one worker: they finish in order
-            error = self._pending.popleft().exception()
-            if error is not None:
-                errors.append(error)
-        for e in errors[1 if raise_errors else 0:]:
-            log.error("%s failed: %s", self.what, e, exc_info=e)
-        if errors and raise_errors:
-            raise errors[0]
-
-
 class Trainer:
-    def __init__(self, cfg: Config, model_cfg: DraftModelConfig, head: TargetHead, draft_ids: list[int],
-                 store, source: RefSource, dist: DistInfo, extra_meta: dict | None = None):
+    """Runs `state` over the steps of `stream` to train.max_steps (or the stream's
+    end), with checkpoints (resume from the newest), metrics and an audit log of
+    the samples each rank trained at each step."""
+
+    def __init__(self, cfg: Config, state: TrainState, stream, dist: DistInfo, meta: dict, hidden_size: int):
         self.cfg, self.tc, self.dist = cfg, cfg.train, dist
-        self.store, self.source = store, source
-        self.model_cfg, self.draft_ids = model_cfg, draft_ids
+        self.state, self.stream, self.meta = state, stream, meta
+        self.hidden_size = hidden_size
         self.output_dir = Path(self.tc.output_dir)
-        self.meta = {"draft_config": model_cfg.to_dict(), "draft_ids": draft_ids, **(extra_meta or {})}
-        self.draft = build_draft(model_cfg, head, draft_ids, self.tc.seed).to(dist.device)
-        compile = compile_enabled(self.tc.compile, dist.device)
-        self.teacher = Teacher(head.lm_head_weight, torch.tensor(draft_ids), compile).to(dist.device)
-        # FSDP2 on CUDA, one GPU included; CPU (gloo) keeps the replicated draft and the
-        # manual gradient all-reduce (bit-exact with single-process runs).
-        self.loss_fn, self.fsdp = loss_module(self.draft, self.tc.recompute, compile)
-        self.params = [p for p in self.draft.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, weight_decay=self.tc.weight_decay,
-                                           fused=dist.device.type == "cuda")  # one kernel for all parameters
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio))
-        self.order = SampleOrder(num_samples=source.num_samples, seed=self.tc.seed,
-                                 batch_size=self.tc.batch_size, grad_accum=self.tc.grad_accum,
-                                 world_size=dist.world_size, rank=dist.rank)
-        self.autocast = dist.device.type == "cuda"
-
-    # ---- one optimizer step -------------------------------------------------------
-    def train_step(self, batches) -> dict[str, float]:
-        k_steps, decay = self.cfg.draft.ttt_length, self.cfg.draft.loss_decay
-        if not batches:
-            # This rank's stream has ended but another's has not: a batch with nothing to
-            # learn (all masks false) keeps it in step with every collective (FSDP's too).
-            batches = [self._empty_batch()]
-        inputs = [loss_inputs(self.teacher, b, k_steps) for b in batches]
-        # Per unroll step: rows whose teacher argmax is in the draft vocab (the loss's
-        # denominators), then every row the step learns at (SpecForge's acc denominator).
-        both = all_reduce_sum(sum(torch.cat([x.counts(), x.counts_all()]) for x in inputs)).tolist()
-        counts, rows = both[:k_steps], both[k_steps:]
-        # Fixed metric names, so ranks with no data this step (the end of a consume-once
-        # stream) still join every collective with zeros.
-        sums = {f"{name}_{k}": torch.zeros((), device=self.dist.device)
-                for name in ("ploss", "acc", "accept") for k in range(k_steps)}
-        for x in inputs:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, part = self.loss_fn(x, decay, counts)
-            loss.backward()
-            for name, v in part.items():
-                sums[name] = sums[name] + v
-        if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
-            all_reduce_grads(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
-        if self.fsdp:
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        names = sorted(sums)
-        reduced = all_reduce_sum(torch.stack([sums[n].float() for n in names])).tolist()
-        out = {"grad_norm": float(grad_norm), "valid_tokens": counts[0], "loss_tokens": rows[0]}
-        loss_total = 0.0
-        for name, value in zip(names, reduced):
-            kind, k = name.rsplit("_", 1)
-            k = int(k)
-            out[name] = value / max((rows if kind == "acc" else counts)[k], 1.0)
-            if kind == "acc":  # the same hits over the rows the draft vocab can express
-                out[f"acc_in_vocab_{k}"] = value / max(counts[k], 1.0)
-            if kind == "ploss":
-                loss_total += decay ** k * out[name]
-        out["loss"] = loss_total
-        return out
-
-    def _empty_batch(self) -> TrainBatch:
-        h = self.model_cfg.target_hidden_size
-        return TrainBatch(input_ids=torch.zeros(1, 2, dtype=torch.int64), loss_mask=torch.zeros(1, 2, dtype=torch.uint8),
-                          aux_hidden=torch.zeros(1, 2, 3 * h), last_hidden=torch.zeros(1, 2, h),
-                          lengths=torch.tensor([2]), sample_ids=())
-
-    def _samples_log(self) -> Path:
-        return self.output_dir / f"samples.rank{self.dist.rank}.jsonl"
-
-    def _log_samples(self, step: int, batches) -> None:
-        """Append which samples this rank trained at each step (an audit trail: in
-        consume-once runs it shows every sample was trained exactly once)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        ids = [sid for b in batches for sid in b.sample_ids]
-        with open(self._samples_log(), "a") as f:
-            f.write(json.dumps({"step": step, "samples": ids}) + "\n")
-
-    def _any_has_data(self, have: bool) -> bool:
-        """Ranks step together while any has data (the others contribute zeros), so
-        no rank's tail is dropped and no collective hangs."""
-        flag = torch.tensor([1.0 if have else 0.0], device=self.dist.device)
-        return bool(all_reduce_sum(flag).item() > 0)
+        self.checkpoints = self.output_dir / "checkpoints"
 
     def check_ref(self, ref) -> None:
         """Refuse features that cannot belong to this draft before reading them."""
-        h = self.model_cfg.target_hidden_size
+        h = self.hidden_size
         expected = {"aux_hidden": (ref.num_tokens, 3 * h), "last_hidden": (ref.num_tokens, h),
                     "input_ids": (ref.num_tokens,), "loss_mask": (ref.num_tokens,)}
         for name, shape in expected.items():
@@ -240,98 +115,93 @@ class Trainer:
                                  f"but the target's hidden size {h} needs {list(shape)}; were these features "
                                  "captured from another target?")
 
-    def _nothing_to_train(self) -> ValueError:
-        why = getattr(self.source, "why_exhausted", None)  # consume-once sources only
-        return ValueError(f"nothing left to train: {why() if why else 'the sample stream is empty'}; "
-                          f"no checkpoint or draft was written to {self.output_dir}")
+    def _samples_log(self) -> Path:
+        return self.output_dir / f"samples.rank{self.dist.rank}.jsonl"
 
-    # ---- the loop -----------------------------------------------------------------
-    def resume_step(self) -> int:
-        found = ckpt.list_checkpoints(self.output_dir / "checkpoints")
-        if not found:
-            return 0
-        ckpt.check_same_run(found[-1], self.meta)
-        if self.fsdp:
-            return load_sharded_checkpoint(found[-1], self.loss_fn, self.optimizer, self.scheduler)
-        return ckpt.load_checkpoint(found[-1], self.draft, self.optimizer, self.scheduler)
+    def _log_samples(self, step: int, batches) -> None:
+        """Append which samples this rank trained at each step (an audit trail: in
+        consume-once runs it shows every sample was trained, and how often)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        ids = [sid for b in batches for sid in b.sample_ids]
+        with open(self._samples_log(), "a") as f:
+            f.write(json.dumps({"step": step, "samples": ids}) + "\n")
 
-    def save(self, step: int) -> Path | None:
-        if self.fsdp:  # every rank writes its shards
-            return save_sharded_checkpoint(self.output_dir / "checkpoints", step, self.loss_fn, self.optimizer,
-                                           self.scheduler, self.meta, self.tc.keep_checkpoints)
-        path = None
+    def resume(self) -> tuple[int, dict]:
+        """(step, data position) of the newest checkpoint, or (0, {}). The audit logs of
+        every rank, this run's or an earlier one's with more ranks, drop the steps after
+        it: those steps are trained again."""
+        found = ckpt.list_checkpoints(self.checkpoints)
+        if found:
+            ckpt.check_same_run(found[-1], self.meta)  # before anything in output_dir is touched
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.output_dir / "checkpoints", step, self.draft, self.optimizer,
-                                        self.scheduler, self.meta, self.tc.keep_checkpoints)
+            for log_file in self.output_dir.glob("samples.rank*.jsonl"):
+                truncate_after(log_file, ckpt.read_meta(found[-1])["step"] if found else 0)
         barrier()
+        return self.state.load(found[-1]) if found else (0, {})
+
+    def save(self, step: int) -> Path:
+        """A checkpoint at `step`; then the stream may free what it holds."""
+        path = self.state.save(self.checkpoints, step, self.meta, self.stream.data_position(step))
+        self.stream.committed()
         return path
 
     def fit(self, stop_after: int | None = None) -> Path | None:
         """Train to train.max_steps (or stop early after `stop_after` steps, for tests
-        of interruption); returns the last checkpoint folder on rank 0."""
-        with host_threads(self.dist.device):
+        of interruption); returns the last checkpoint folder."""
+        with host_threads(self.state.device):
             return self._fit(stop_after)
 
     def _fit(self, stop_after: int | None) -> Path | None:
-        start = self.resume_step()
-        truncate_after(self._samples_log(), start)  # steps after the checkpoint are redone
+        start, data = self.resume()
         end = self.tc.max_steps if stop_after is None else min(self.tc.max_steps, stop_after)
         logger = MetricsLogger(self.output_dir, start, self.tc.tensorboard, self.dist.is_main)
-        loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=self.check_ref,
-                               pin_memory=self.dist.device.type == "cuda")
+        self.stream.open(start, end, data, self.check_ref)
         bar = tqdm(total=self.tc.max_steps, initial=start, desc="train", unit="step",
                    disable=not (self.tc.progress and self.dist.is_main))
-        last = None
-        # Consume-once bookkeeping (a `done` link per sample and its data's deletion: an
-        # unlink of a 64 MiB cached file takes 15-20 ms) would leave the GPU idle
-        # between steps; one thread does it in order instead.
-        # A failure there also goes to the loader, which may be waiting for it (Pending).
-        bookkeeping = InOrder("consume-once bookkeeping", on_error=loader.fail)
-        trained = getattr(self.source, "trained", None)  # consume-once sources only
-        finished = False
+        last, saved, done, finished = None, start, start, False
         try:
-            t_prev, wait_prev, tokens = time.perf_counter(), 0.0, 0
-            record, done = None, start
+            t_prev, wait_prev, tokens, record = time.perf_counter(), 0.0, 0, None
             for step in range(start, end):
-                batches = loader.next(step)
-                if not self._any_has_data(bool(batches)):
+                got = self.stream.next(step)
+                while got is not None and not got.batches:  # commit first, then ask again
+                    if done > saved:
+                        last, saved = self.save(done), done
+                    else:
+                        self.stream.committed()  # the newest checkpoint already holds it all
+                    got = self.stream.next(step)
+                if got is None:
                     if step == 0:  # nothing trained and nothing resumed: saving would export an untrained draft
-                        raise self._nothing_to_train()
+                        raise ValueError(f"nothing left to train: {self.stream.why_exhausted()}; no checkpoint "
+                                         f"or draft was written to {self.output_dir}")
                     end = step  # a consume-once stream ran out on every rank: finish here
                     break
-                tokens += sum(b.num_tokens for b in batches)
-                self._log_samples(step + 1, batches)
-                record = self.train_step(batches)
-                if trained is not None:  # consume-once: free what this step trained, off this thread
-                    bookkeeping.submit(trained, [sid for b in batches for sid in b.sample_ids])
+                tokens += sum(b.num_tokens for b in got.batches)
+                self._log_samples(step + 1, got.batches)
+                record = self.state.step(got.batches)
                 done = step + 1
                 if done % self.tc.log_every == 0 or done == end:
                     now = time.perf_counter()
                     elapsed = now - t_prev
-                    record.update(step=done, lr=self.scheduler.get_last_lr()[0],
-                                  epoch=self.order.epoch_of(done),
+                    record.update(step=done, lr=self.state.lr, epoch=self.stream.epoch_of(done),
                                   tokens_per_s=tokens * self.dist.world_size / max(elapsed, 1e-9),
-                                  data_wait_share=(loader.wait_s - wait_prev) / max(elapsed, 1e-9))
+                                  data_wait_share=(self.stream.wait_s - wait_prev) / max(elapsed, 1e-9))
                     logger.log({"step": done, **{k: v for k, v in record.items() if k != "step"}})
                     bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record.get('acc_0', 0):.2f}")
-                    t_prev, wait_prev, tokens = now, loader.wait_s, 0
-                    record = None
+                    t_prev, wait_prev, tokens, record = now, self.stream.wait_s, 0, None
                 bar.update(1)
-                if self.tc.save_every and done % self.tc.save_every == 0 and done != end:
-                    last = self.save(done)
+                if done != end and (got.commit or (self.tc.save_every and done % self.tc.save_every == 0)):
+                    last, saved = self.save(done), done
             if record is not None:  # the stream ended between two logging steps
-                logger.log({"step": done, **record, "lr": self.scheduler.get_last_lr()[0],
-                            "epoch": self.order.epoch_of(done)})
-            if end > start or not ckpt.list_checkpoints(self.output_dir / "checkpoints"):
+                logger.log({"step": done, **record, "lr": self.state.lr, "epoch": self.stream.epoch_of(done)})
+            found = ckpt.list_checkpoints(self.checkpoints)
+            if end > saved or not found:
                 last = self.save(end)
             else:
-                last = ckpt.list_checkpoints(self.output_dir / "checkpoints")[-1]
+                last = found[-1]
+                self.stream.committed()
             finished = True
         finally:
-            loader.close()
+            self.stream.close(failed=not finished)
             bar.close()
-            try:
-                bookkeeping.close(raise_errors=finished)
-            finally:
-                logger.close()
+            logger.close()
         return last
