@@ -22,10 +22,12 @@ Every rank calls `save_checkpoint` and `load_checkpoint` (both are collectives).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +43,15 @@ CHECKPOINT_VERSION = 1
 LAYOUT = "dcp"
 EXCLUDED = ("embed_tokens.",)  # frozen target weights: reloaded from the target
 _PREFIX = "draft."  # the draft's parameter names inside the loss module
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """DCP warns on every save and load in a process without a process group that it
+    assumes one process; that is what a one-process run is, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _rank_world() -> tuple[int, int]:
@@ -95,7 +106,7 @@ def save_checkpoint(root: Path, step: int, module, optimizer, scheduler, meta: d
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
     _barrier()
-    with naming(tmp):
+    with naming(tmp), _one_process_quiet():
         dcp.save(_trainable_state(module, optimizer), checkpoint_id=str(tmp / "dcp"), no_dist=world == 1)
         full = _full_draft_state(module)
         torch.save(rng_state(), tmp / f"rng.rank{rank}.pt")
@@ -170,7 +181,7 @@ def load_checkpoint(ckpt: Path, module, optimizer, scheduler) -> tuple[int, dict
         _load_plain_state(ckpt, module, optimizer)
     elif meta.get("layout") == LAYOUT:
         state = _trainable_state(module, optimizer)
-        with naming(ckpt / "dcp"):
+        with naming(ckpt / "dcp"), _one_process_quiet():
             dcp.load(state, checkpoint_id=str(ckpt / "dcp"), no_dist=_rank_world()[1] == 1)
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
