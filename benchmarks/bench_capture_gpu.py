@@ -76,6 +76,14 @@ TARGET_8B = {**{k: LLAMA31_8B[k] for k in ("vocab_size", "hidden_size", "interme
              "num_hidden_layers": 32, "max_position_embeddings": 131072, "rope_theta": 500000.0,
              "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
              "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}  # ChatML specials of the byte tokenizer
+# Qwen3-30B-A3B's shape (issue 13): 48 layers, 128 experts of which 8 per token, hidden 2048.
+TARGET_MOE_30B = {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                  "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                  "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                  "norm_topk_prob": True, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
+                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                  "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+TARGETS = {"llama-8b": TARGET_8B, "qwen3-30b-a3b": TARGET_MOE_30B}
 TARGET_SMALL = {"vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
                 "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
@@ -102,13 +110,15 @@ def write_conversations(path: Path, num: int, num_tokens: int, seed: int = 0) ->
     return path
 
 
-def bench_config(work: Path, small: bool, num_samples: int, **sections) -> tuple[Path, Config]:
+def bench_config(work: Path, small: bool, num_samples: int, target: dict | None = None,
+                 **sections) -> tuple[Path, Config]:
     """Write the benchmark's config file under `work` (data included); return it and
-    its parsed form. `sections` update the given config sections (e.g. train={...})."""
+    its parsed form. `target`: the random target's config (default the 8B Llama shape);
+    `sections` update the given config sections (e.g. train={...})."""
     size = SIZES[small]
     data = write_conversations(work / "conversations.jsonl", num_samples, size["max_length"])
     tree = {"target": {"tokenizer": "builtin:bytes-chatml", "seed": 0,
-                       "random": TARGET_SMALL if small else TARGET_8B},
+                       "random": TARGET_SMALL if small else (target or TARGET_8B)},
             "data": {"sources": [str(data)], "max_length": size["max_length"]},
             "capture": {"batch_tokens": size["batch_tokens"], "device": size["device"], "dtype": size["dtype"]},
             "features": {"backend": "shared_dir", "root": str(work / "features")},
@@ -181,6 +191,8 @@ class _TimedStore:
     def __init__(self, store=None):
         self.store = store
         self.put_s: list[float] = []
+        self.created = time.perf_counter()
+        self.first_put_done_s: float | None = None  # since creation: time to the first published sample
 
     def lookup(self, sample_id: str, index: int):
         return None if self.store is None else self.store.lookup(sample_id, index)
@@ -188,7 +200,10 @@ class _TimedStore:
     def put(self, sample_id: str, index: int, tensors):
         start = time.perf_counter()
         ref = None if self.store is None else self.store.put(sample_id, index, tensors)
-        self.put_s.append(time.perf_counter() - start)
+        now = time.perf_counter()
+        self.put_s.append(now - start)
+        if self.first_put_done_s is None:
+            self.first_put_done_s = now - self.created
         return ref
 
 
@@ -232,7 +247,8 @@ def time_capture_store(target, aux_ids, plan, cfg: Config) -> dict:
     wall = time.perf_counter() - start
     shutil.rmtree(cfg.features.root, ignore_errors=True)
     return {"seconds": wall, "put_s_total": sum(timed.put_s), "put_s_median": statistics.median(timed.put_s),
-            "num_puts": len(timed.put_s), "writer_busy_share": sum(timed.put_s) / wall}
+            "num_puts": len(timed.put_s), "writer_busy_share": sum(timed.put_s) / wall,
+            "first_published_s": timed.first_put_done_s}
 
 
 def _pinned_like(cache: dict, x: torch.Tensor) -> torch.Tensor:
@@ -309,13 +325,14 @@ def random_target(cfg: Config, device: torch.device, dtype: torch.dtype) -> Load
 
 # ------------------------------------------------------------ the benchmark
 
-def run(small: bool, num_samples: int, work_parent: Path, r: dict) -> dict:
+def run(small: bool, num_samples: int, work_parent: Path, r: dict, target: str = "llama-8b") -> dict:
     """Fill `r` part by part (a part that fails leaves the earlier ones in place)."""
     size = SIZES[small]
     device, dtype = torch.device(size["device"]), getattr(torch, size["dtype"])
     work = Path(tempfile.mkdtemp(dir=work_parent, prefix="capture-bench-"))
+    r["target"] = "small" if small else target
     try:
-        _, cfg = bench_config(work, small, num_samples)
+        _, cfg = bench_config(work, small, num_samples, TARGETS[target])
         plan = plan_data(cfg, cfg.target.random["vocab_size"])
         samples = plan.prepared.train
         start = time.perf_counter()
@@ -344,6 +361,8 @@ def run(small: bool, num_samples: int, work_parent: Path, r: dict) -> dict:
         r["plain"]["seconds_again"] = time_plain(target.model, batches, device)
         r["plain"]["drift"] = r["plain"]["seconds_again"] / r["plain"]["seconds"] - 1
         _rates(r)
+        if device.type == "cuda":
+            r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         r["disk"] = disk_rates(work, r["sizes"]["sample_bytes"], min(8, len(samples)))
         r["disk"]["write_fsync_tokens_per_s"] = r["disk"]["write_fsync_gbps"] * 1e9 / r["sizes"]["sample_bytes"] \
             * size["max_length"]
@@ -366,8 +385,8 @@ def _rates(r: dict) -> None:
 def print_table(r: dict) -> None:
     if "sizes" in r:
         s = r["sizes"]
-        print(f"\ncapture benchmark: {r['machine']['gpus'] or 'cpu'}, torch {r['machine']['torch']}, "
-              f"{r['machine']['date']}; {s['num_samples']} samples x {s['max_length']} tokens, "
+        print(f"\ncapture benchmark ({r.get('target')}): {r['machine']['gpus'] or 'cpu'}, torch "
+              f"{r['machine']['torch']}, {r['machine']['date']}; {s['num_samples']} samples x {s['max_length']} tokens, "
               f"{s['num_batches']} batches of <= {s['batch_tokens']} tokens, attention {r['attn_implementation']}")
     if "plain" in r:
         print(f"{'path':<34}{'tokens/s':>11}{'vs plain':>10}{'writer busy':>13}")
@@ -377,6 +396,10 @@ def print_table(r: dict) -> None:
         if key in r:
             c = r[key]
             print(f"{label:<34}{c['tokens_per_s']:>11.0f}{c['vs_plain']:>10.2f}{c['writer_busy_share']:>13.0%}")
+    if "capture_store" in r and r["capture_store"].get("first_published_s") is not None:
+        print(f"target set-up {r['target_setup_s']:.1f} s; first sample published "
+              f"{r['capture_store']['first_published_s']:.2f} s after capture started; peak GPU memory "
+              f"{r.get('peak_gib', float('nan')):.1f} GiB")
     if "disk" in r:
         print(disk_line(r["disk"]) + f" (write = {r['disk']['write_fsync_tokens_per_s']:.0f} tokens/s of features)")
     if "profile" in r:
@@ -396,11 +419,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--small", action="store_true", help="tiny target on CPU: a smoke test of this script")
     ap.add_argument("--samples", type=int, default=None, help="samples of max_length tokens (default 96, small 8)")
     ap.add_argument("--work", default=tempfile.gettempdir(), help="folder for the store and raw disk files")
+    ap.add_argument("--target", choices=sorted(TARGETS), default="llama-8b", help="random target shape (GPU)")
     ap.add_argument("--out", required=True, help="JSON results file")
     args = ap.parse_args(argv)
     num = args.samples or (8 if args.small else 96)
     return run_and_save(Path(args.out), {"benchmark": "capture_gpu", "machine": machine_info()},
-                        lambda r: run(args.small, num, Path(args.work), r), print_table)
+                        lambda r: run(args.small, num, Path(args.work), r, args.target), print_table)
 
 
 if __name__ == "__main__":

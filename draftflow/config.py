@@ -60,6 +60,12 @@ class CaptureConfig:
     batch_tokens: int = 8192  # token budget of one target forward (padded size)
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    # How one copy of the target spans devices (draftflow/capture/parallel.py): none (each
+    # rank holds the whole target), tp (transformers' tensor parallelism over tp_size ranks
+    # of a torchrun job), pipeline (transformers' device_map over this process's GPUs), or
+    # auto (none at tp_size 1, else tp where the family has a plan, pipeline where not).
+    parallel: str = "auto"
+    tp_size: int = 1  # ranks (GPUs) one copy of the target spans under tp
 
 
 @dataclass(**RECORD)
@@ -202,6 +208,7 @@ RANGES: dict[str, Range] = {
     "data.num_heldout": Range(low=0),
     "data.seed": SEED,
     "capture.batch_tokens": COUNT,
+    "capture.tp_size": COUNT,
     "features.wait_timeout_s": POSITIVE,
     "features.claim_timeout_s": POSITIVE,
     "features.max_inflight_bytes": Range(low=0, note="0: one sample in flight at a time"),
@@ -244,6 +251,7 @@ STORE_BACKENDS = ("local", "shared_dir", "mooncake")  # the keys of stores.BACKE
 CHOICES: dict[str, tuple] = {
     "capture.device": DEVICES,
     "capture.dtype": ("auto", *FLOAT_DTYPES),
+    "capture.parallel": ("auto", "none", "tp", "pipeline"),
     "features.backend": STORE_BACKENDS,
     "features.dtype": FLOAT_DTYPES,
     "features.release": RELEASE_POLICIES,

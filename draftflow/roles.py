@@ -23,6 +23,7 @@ import torch
 
 import draftflow
 from draftflow.capture.capture import capture_features, resolve_device_dtype
+from draftflow.capture.parallel import LeaderOnly, plan_capture
 from draftflow.capture.target import (LoadedTarget, config_hash, load_target, random_config,
                                       resolve_aux_layer_ids, resolve_target_folder, target_identity)
 from draftflow.config import Config
@@ -177,7 +178,10 @@ def capture_fill(cfg: Config, provenance: Provenance) -> StoreFill:
     if dtype == "auto":
         on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         dtype = "bfloat16" if on_cuda else "float32"
-    return StoreFill(provenance=provenance, capture=(("batch_tokens", cfg.capture.batch_tokens), ("dtype", dtype)))
+    capture = (("batch_tokens", cfg.capture.batch_tokens), ("dtype", dtype))
+    if cfg.capture.tp_size > 1:  # sharded matmuls reduce in another order: other features
+        capture += (("tp_size", cfg.capture.tp_size),)
+    return StoreFill(provenance=provenance, capture=capture)
 
 
 def open_colocated_store(cfg: Config, provenance: Provenance, environ):
@@ -204,9 +208,11 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
     device, dtype = resolve_device_dtype(cfg.capture)
     if dist.device.type == "cuda" and device.type == "cuda":
         device = dist.device  # each rank captures on its own GPU
-    target = load_target(cfg.target, device, dtype)
-    shard = PreparedData(train=plan.prepared.train[dist.rank::dist.world_size], heldout=[])
-    produce(cfg, DataPlan(shard, plan.draft_ids, plan.tokenizer_hash, plan.data_hash), store, target, aux_ids)
+    capture_plan = plan_capture(cfg.capture, hf_config, dist.world_size, dist.rank, device)
+    target = load_target(cfg.target, device, dtype, capture_plan)
+    shard = PreparedData(train=capture_plan.shard(plan.prepared.train), heldout=[])
+    produce(cfg, DataPlan(shard, plan.draft_ids, plan.tokenizer_hash, plan.data_hash),
+            store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids)
     del target  # free the target before the draft trains
     barrier()
     refs = [store.lookup(s.sample_id, s.index) for s in plan.prepared.train]
@@ -299,22 +305,61 @@ def publishing_run(cfg: Config, secret: bytes, fill: StoreFill, draft_ids: list[
 
 
 def run_producer(cfg: Config, environ=os.environ) -> RunResult:
-    """Capture (or resume capturing) into the store and publish refs in a signed manifest."""
+    """Capture (or resume capturing) into the store and publish refs in a signed manifest.
+
+    Under torchrun the job's ranks form capture groups (`capture/parallel.py`): rank 0
+    holds the producer lease and the manifest writer and journals its group's refs as
+    they are stored; the other groups' leaders put features into the store, and their
+    refs are journaled when capture ends, before the run is sealed."""
     require_shared_backend(cfg, "producer")
     secret = load_secret(cfg.features, environ)
+    # A process group only under torchrun: a lone producer's device errors belong inside
+    # the run below, where they mark it failed for the consumers.
+    dist = init_distributed(cfg.capture.device) if int(environ.get("WORLD_SIZE", "1")) > 1 else None
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
     num = len(plan.prepared.train)
-    with publishing_run(cfg, secret, capture_fill(cfg, provenance), plan.draft_ids, num) as publishing:
-        target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
-        refs = produce(cfg, plan, publishing, target, aux_ids)
-        for ref in refs:  # samples a crashed run had stored but not yet journaled
-            publishing.publish(ref)
-    log.info("producer: sealed a run of %d samples at %s", num, cfg.features.root)
+
+    def capture_into(store) -> list:
+        device, dtype = resolve_device_dtype(cfg.capture)
+        if dist is not None and dist.device.type == "cuda" and device.type == "cuda":
+            device = dist.device
+        capture_plan = plan_capture(cfg.capture, hf_config, world, rank, device)
+        shard = DataPlan(PreparedData(train=capture_plan.shard(plan.prepared.train), heldout=[]), plan.draft_ids,
+                         plan.tokenizer_hash, plan.data_hash)
+        target = load_target(cfg.target, device, dtype, capture_plan)
+        refs = produce(cfg, shard, store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids)
+        return gather_refs(refs if capture_plan.is_leader else [])
+
+    if rank == 0:
+        with publishing_run(cfg, secret, capture_fill(cfg, provenance), plan.draft_ids, num) as publishing:
+            barrier()  # the store record and the lease exist: the other ranks may open the store
+            refs = capture_into(publishing)
+            for ref in refs:  # other groups' samples, and those a crashed run stored but did not journal
+                publishing.publish(ref)
+        log.info("producer: sealed a run of %d samples at %s", num, cfg.features.root)
+    else:
+        barrier()
+        keys, _ = open_store_record(cfg.features.root, secret, None)
+        store = build_store(cfg.features, keys)
+        try:
+            refs = capture_into(store)
+        finally:
+            store.close()
     return RunResult(output_dir=Path(cfg.features.root), final_dir=None, checkpoint=None, num_samples=num,
                      num_tokens=sum(r.num_tokens for r in refs))
+
+
+def gather_refs(refs: list) -> list:
+    """Every rank's refs on rank 0 (tensor-free metadata; other ranks get [])."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(refs)
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(list(refs), gathered, dst=0)
+    return [r for part in gathered for r in part] if gathered is not None else []
 
 
 def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:

@@ -176,8 +176,9 @@ class _FeatureHooks:
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux [B, T, 3H], last [B, T, H]) of the forward that just ran; forgets them."""
-        aux = torch.cat([self.outputs[f"layer{i}"] for i in self.aux_layer_ids], dim=-1)
         last = self.outputs["norm"]
+        # Under capture.parallel pipeline the layers sit on several GPUs: gather on the last's.
+        aux = torch.cat([self.outputs[f"layer{i}"].to(last.device) for i in self.aux_layer_ids], dim=-1)
         self.outputs.clear()
         return aux, last
 

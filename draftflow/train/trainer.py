@@ -56,6 +56,10 @@ def build_draft_config(cfg: Config, hf_config, aux_layer_ids, num_draft_vocab: i
     heads = d.num_attention_heads or hf_config.num_attention_heads
     rope = getattr(hf_config, "rope_parameters", None) or {
         "rope_type": "default", "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+    if "full_attention" in rope and isinstance(rope["full_attention"], dict):
+        # One RoPE per attention type (Gemma 3: sliding and full); the draft attends over
+        # the whole prefix, as the target's full-attention layers do.
+        rope = rope["full_attention"]
     head_dim = getattr(hf_config, "head_dim", None) if heads == hf_config.num_attention_heads else None
     return DraftModelConfig(
         hidden_size=hidden,
