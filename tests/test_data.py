@@ -397,3 +397,62 @@ def test_smollm2_gguf_tokenizer_masks_only_assistant_tokens(smollm2_tok):
     assert masked_runs(smollm2_tok, ids, mask) == expected_runs(CHAT)
     assert "SmolLM" in smollm2_tok.decode(ids)  # the default system prompt is there, unmasked
     assert tokenizer_hash(smollm2_tok).startswith("xxh3_128:")
+
+
+# A reasoning template in the style of Qwen3's, written for these tests: the turns after
+# the last user message render a think block (empty when the reply has no reasoning),
+# earlier turns render the reply alone, and `enable_thinking=False` ends the generation
+# prompt with an empty think block.
+THINK_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{%- set content = m['content'] -%}{%- set reasoning = '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.index0 > ns.last_user -%}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- content + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}")
+
+
+def _masked_text(tok, conv, train_reasoning):
+    from draftflow.data.prepare import tokenize_conversation
+
+    ids, mask = tokenize_conversation(tok, conv, 4096, train_reasoning=train_reasoning)
+    return tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+@pytest.mark.parametrize("train_reasoning", [True, False])
+def test_reasoning_is_trained_or_not_by_the_key_and_empty_think_blocks_never(train_reasoning):
+    from draftflow.data.tokenizer import build_bytes_chatml_tokenizer
+
+    tok = build_bytes_chatml_tokenizer(THINK_TEMPLATE)
+    thinking = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "<think>\nplan it\n</think>\n\nHello!"}]
+    want = "<think>\nplan it\n</think>\n\nHello!<|im_end|>" if train_reasoning else "Hello!<|im_end|>"
+    assert _masked_text(tok, thinking, train_reasoning) == want
+    # thinking off: the template writes an empty think block, which the model never generates
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert "<think>\n\n</think>" in tok.apply_chat_template(plain, tokenize=False)
+    assert _masked_text(tok, plain, train_reasoning) == "Hello!<|im_end|>"
+
+
+def test_a_template_that_drops_earlier_reasoning_still_masks_every_reply():
+    """Earlier turns render without their reasoning once a later user turn follows, so a
+    turn renders differently depending on what follows: each reply is found in order."""
+    from draftflow.data.tokenizer import build_bytes_chatml_tokenizer
+
+    tok = build_bytes_chatml_tokenizer(THINK_TEMPLATE)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+            {"role": "user", "content": "More"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nA2"}]
+    assert "r1" not in tok.apply_chat_template(conv, tokenize=False)
+    assert _masked_text(tok, conv, True) == "A1<|im_end|><think>\nr2\n</think>\n\nA2<|im_end|>"
+    assert _masked_text(tok, conv, False) == "A1<|im_end|>A2<|im_end|>"

@@ -6,6 +6,13 @@ generation prompt) and through it gives that turn's character span in the full
 rendering; the tokenizer's offset mapping turns spans into token positions. So
 role headers and any default system prompt a template inserts stay at 0, and the
 assistant's content plus the end-of-turn token(s) the template appends are 1.
+
+Reasoning templates (Qwen3-style) render an assistant turn as a think block, then the
+reply, and drop the reasoning of turns before the last user message, so a turn renders
+differently depending on what follows it. There the spans are found by locating each
+turn's reply, in order, after its generation header. A think block at the start of a
+span is left out of the loss when empty (a template writes one when thinking is off;
+the model never generates it) and, under `data.train_reasoning: false`, always.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -53,16 +61,16 @@ class PreparedData:
 
 # ---------------------------------------------------------------- one conversation
 
-def tokenize_conversation(tok, messages: Sequence[Message | dict], max_length: int
+def tokenize_conversation(tok, messages: Sequence[Message | dict], max_length: int, train_reasoning: bool = True
                           ) -> tuple[list[int], list[int]]:
     """Render `messages` with `tok`'s chat template; return (input_ids, loss_mask).
 
     The loss mask is 1 on the tokens of each assistant message's content and the
-    end-of-turn token(s) after it, 0 elsewhere. Both lists are cut to `max_length`.
-    Raises ValueError if the template renders a conversation's prefixes
-    inconsistently (the spans could not be trusted).
+    end-of-turn token(s) after it, 0 elsewhere (see the module docstring for think
+    blocks). Both lists are cut to `max_length`. Raises ValueError if an assistant
+    turn cannot be located in the rendering.
     """
-    return _encode(tok, [render_with_spans(tok, messages)], max_length)[0]
+    return _encode(tok, [render_with_spans(tok, messages, train_reasoning)], max_length)[0]
 
 
 def prompt_ids(tok, messages: Sequence[Message | dict]) -> list[int]:
@@ -72,10 +80,12 @@ def prompt_ids(tok, messages: Sequence[Message | dict]) -> list[int]:
     return _encode(tok, [(_render(tok, chat, generation_prompt=True), [])], 2 ** 62)[0][0]
 
 
-def render_with_spans(tok, messages: Sequence[Message | dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(tok, messages: Sequence[Message | dict], train_reasoning: bool = True
+                      ) -> tuple[str, list[tuple[int, int]]]:
     """The chat-template rendering and the [start, end) character span of each assistant turn."""
     chat = [m.to_dict() if isinstance(m, Message) else dict(m) for m in messages]
-    return _assistant_spans(tok, chat)
+    full, spans = _assistant_spans(tok, chat)
+    return full, [_past_think_block(full, a, b, train_reasoning) for a, b in spans]
 
 
 def _encode(tok, rendered: list[tuple[str, list[tuple[int, int]]]], max_length: int
@@ -106,9 +116,22 @@ def _render(tok, chat: list[dict], generation_prompt: bool) -> str:
                          f"({type(e).__name__}: {e})") from None
 
 
+class _RendersDifferently(ValueError):
+    pass
+
+
 def _assistant_spans(tok, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the [start, end) character span of each assistant turn."""
+    """The full rendering and the [start, end) character span of each assistant turn:
+    by rendering prefixes where the template renders a turn the same whatever follows,
+    else by locating each reply (reasoning templates)."""
     full = _render(tok, chat, generation_prompt=False)
+    try:
+        return full, _spans_by_prefix(tok, chat, full)
+    except _RendersDifferently as e:
+        return full, _spans_by_search(tok, chat, full, e)
+
+
+def _spans_by_prefix(tok, chat: list[dict], full: str) -> list[tuple[int, int]]:
     spans = []
     for i, message in enumerate(chat):
         if message["role"] != "assistant":
@@ -117,7 +140,7 @@ def _assistant_spans(tok, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]
         through = _render(tok, chat[:i + 1], generation_prompt=False)
         if not (full.startswith(before) and full.startswith(through)
                 and len(before) <= len(through)):
-            raise ValueError(
+            raise _RendersDifferently(
                 f"chat template renders message {i} (assistant) differently depending on what "
                 "follows it, so its span cannot be located; expected the rendering of "
                 "messages[:i] (with generation prompt) and of messages[:i+1] to be prefixes "
@@ -126,7 +149,52 @@ def _assistant_spans(tok, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]
         # generated by the model: keep it out of the loss.
         end = len(before) + len(through[len(before):].rstrip())
         spans.append((len(before), end))
-    return full, spans
+    return spans
+
+
+THINK_BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)  # at the start of an assistant span
+
+
+def _reply_text(content: str) -> str:
+    """What a reasoning template renders as the reply: the content after its think block."""
+    match = THINK_BLOCK.match(content)
+    return (content[match.end():] if match else content).strip()
+
+
+def _spans_by_search(tok, chat: list[dict], full: str, why: ValueError) -> list[tuple[int, int]]:
+    """Each assistant turn from its generation header to the end-of-turn text after its
+    reply, found in order in the full rendering."""
+    asked = [{"role": "user", "content": "u"}]
+    prompt, plain = _render(tok, asked, generation_prompt=True), _render(tok, asked, generation_prompt=False)
+    header_end = prompt[len(plain):] if prompt.startswith(plain) else ""  # e.g. "<|im_start|>assistant\n"
+    probe = "\x00reply\x00"
+    rendered = _render(tok, [*asked, {"role": "assistant", "content": probe}], False)
+    end_of_turn = rendered[rendered.index(probe) + len(probe):].rstrip() if probe in rendered else ""
+    spans, cursor = [], 0
+    for i, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        reply = _reply_text(message["content"])
+        at = full.find(reply, cursor) if reply else -1
+        header = full.rfind(header_end, cursor, at) if header_end and at >= 0 else -1
+        if at < 0 or header < 0:
+            raise ValueError(f"{why}; locating the reply of message {i} after its generation header "
+                             f"{header_end!r} failed too") from None
+        end = at + len(reply)
+        if end_of_turn and full.startswith(end_of_turn, end):
+            end += len(end_of_turn)
+        spans.append((header + len(header_end), end))
+        cursor = end
+    return spans
+
+
+def _past_think_block(full: str, a: int, b: int, train_reasoning: bool) -> tuple[int, int]:
+    """The span without a leading think block that is empty, or any under
+    `train_reasoning: false` (the reply and end of turn stay)."""
+    match = THINK_BLOCK.match(full, a, b)
+    if match and (not match.group(1).strip() or not train_reasoning):
+        return match.end(), b
+    return a, b
 
 
 def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -172,8 +240,8 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
     heldout_idx, train_idx = split_indices(len(conversations), data_cfg)
     heldout_convs = [conversations[i] for i in heldout_idx]
     train_convs = [conversations[i] for i in train_idx]
-    heldout, skipped_h = _tokenize_split(tok, heldout_convs, data_cfg.max_length, "h")
-    train, skipped_t = _tokenize_split(tok, train_convs, data_cfg.max_length, "s")
+    heldout, skipped_h = _tokenize_split(tok, heldout_convs, data_cfg.max_length, "h", data_cfg.train_reasoning)
+    train, skipped_t = _tokenize_split(tok, train_convs, data_cfg.max_length, "s", data_cfg.train_reasoning)
     if not train:
         raise ValueError(f"data: no training samples (from {len(train_convs)} conversation(s), "
                          f"{len(skipped_t)} without an assistant token within "
@@ -205,8 +273,8 @@ def _check_config(cfg: DataConfig) -> None:
 _BATCH = 64  # conversations per tokenizer call
 
 
-def _tokenize_split(tok, conversations: list[Conversation], max_length: int, prefix: str
-                    ) -> tuple[list[PreparedSample], list[str]]:
+def _tokenize_split(tok, conversations: list[Conversation], max_length: int, prefix: str,
+                    train_reasoning: bool = True) -> tuple[list[PreparedSample], list[str]]:
     samples, skipped = [], []
     for begin in range(0, len(conversations), _BATCH):
         batch = conversations[begin:begin + _BATCH]
@@ -214,7 +282,7 @@ def _tokenize_split(tok, conversations: list[Conversation], max_length: int, pre
         rendered = []
         for conv, origin in zip(batch, origins):
             try:
-                rendered.append(render_with_spans(tok, conv.messages))
+                rendered.append(render_with_spans(tok, conv.messages, train_reasoning))
             except ValueError as e:
                 raise ValueError(f"{origin}: {e}") from None
         for origin, (ids, mask) in zip(origins, _encode(tok, rendered, max_length)):
