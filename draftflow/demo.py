@@ -13,16 +13,19 @@ from pathlib import Path
 from draftflow.config import load_config
 
 
-def demo_config_path() -> Path:
-    return Path(str(resources.files("draftflow.configs").joinpath("demo.yaml")))
+DEMO_CONFIGS = {"smollm2": "demo.yaml", "gemma3": "demo-gemma3.yaml"}
 
 
-def run_demo(out: str, overrides: list[str]) -> int:
+def demo_config_path(target: str = "smollm2") -> Path:
+    return Path(str(resources.files("draftflow.configs").joinpath(DEMO_CONFIGS[target])))
+
+
+def run_demo(out: str, overrides: list[str], target: str = "smollm2") -> int:
     from draftflow.roles import run_colocated
     from draftflow.summary import print_summary
 
     out_dir = Path(out)
-    cfg = load_config([demo_config_path()],
+    cfg = load_config([demo_config_path(target)],
                       [f"features.root={out_dir / 'features'}", f"train.output_dir={out_dir / 'run'}",
                        *overrides])
     from draftflow.evaluate import evaluate_before_after, summary_lines, write_json

