@@ -386,7 +386,8 @@ def print_table(r: dict) -> None:
     if "sizes" in r:
         s = r["sizes"]
         print(f"\ncapture benchmark ({r.get('target')}): {r['machine']['gpus'] or 'cpu'}, torch "
-              f"{r['machine']['torch']}, {r['machine']['date']}; {s['num_samples']} samples x {s['max_length']} tokens, "
+              f"{r['machine']['torch']}, {r['machine']['date']}; {s['num_samples']} samples x {s['max_length']} "
+              "tokens, "
               f"{s['num_batches']} batches of <= {s['batch_tokens']} tokens, attention {r['attn_implementation']}")
     if "plain" in r:
         print(f"{'path':<34}{'tokens/s':>11}{'vs plain':>10}{'writer busy':>13}")

@@ -34,7 +34,8 @@ def resolve_device_dtype(capture_cfg) -> tuple[torch.device, torch.dtype]:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"capture.device: {name!r} is not a torch device (expected one of {', '.join(DEVICES)})") from None
+        raise ValueError(f"capture.device: {name!r} is not a torch device "
+                         f"(expected one of {', '.join(DEVICES)})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"capture.device: {name!r} asked for, but CUDA is not available here")
     if capture_cfg.dtype == "auto":

