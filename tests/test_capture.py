@@ -12,8 +12,8 @@ import torch
 
 from draftflow.capture.capture import (_FeatureHooks, _to_item, capture_features, pack_batches,
                                        resolve_device_dtype)
-from draftflow.capture.target import (config_hash, default_aux_layer_ids, load_target, load_embedding_and_lm_head,
-                                      resolve_aux_layer_ids)
+from draftflow.capture.target import (config_hash, default_aux_layer_ids, load_embedding_and_lm_head, load_target,
+                                      resolve_aux_layer_ids, resolve_target_folder)
 from draftflow.config import CaptureConfig, TargetConfig
 from draftflow.control.binding import RunKeys
 from draftflow.stores.local import LocalStore
@@ -348,3 +348,20 @@ def test_smollm2_gguf_target_loads_via_a_bf16_cache(tmp_path_factory):
                             LocalStore(tmp_path_factory.mktemp("f"), KEYS),
                             CaptureConfig(), progress=False)
     assert [r.spec("aux_hidden").shape for r in refs] == [(9, 1728), (5, 1728)]
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_convert_is_refused_naming_file_and_remedy(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba9")  # an architecture transformers has no converter for
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"cannot load GGUF file .*odd\.gguf .*mamba9.*transformers folder"):
+        resolve_target_folder(TargetConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
+    assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted left behind

@@ -355,7 +355,9 @@ def _convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> No
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # gguf and transformers raise assorted errors on a bad file
-        raise ValueError(f"target.path: cannot load GGUF file {gguf} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"target.path: cannot load GGUF file {gguf} ({type(e).__name__}: {e}); transformers "
+                         "converts the GGUF architectures it lists as supported: point target.path at the model's "
+                         "transformers folder (config.json + safetensors) instead") from None
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # the saved folder holds plain bf16 weights
