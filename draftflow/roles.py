@@ -121,11 +121,12 @@ def feature_dtype(cfg: Config) -> torch.dtype:
     return dtype
 
 
-def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: list[int]):
-    """Capture every training sample into `store` (skipping published ones)."""
+def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: list[int], publish: bool = True):
+    """Capture every training sample into `store` (skipping published ones); `publish`
+    false: only take part in the forwards (a TP group member, `LeaderOnly(store)`)."""
     with host_threads(next(target.model.parameters()).device):
         return capture_features(target, aux_ids, plan.prepared.train, store, cfg.capture,
-                                feature_dtype=feature_dtype(cfg), progress=cfg.train.progress)
+                                feature_dtype=feature_dtype(cfg), progress=cfg.train.progress, publish=publish)
 
 
 def sample_stream(cfg: Config, store, source: RefSource, release: str, dist, pin_memory: bool, hidden_size: int):
@@ -212,7 +213,7 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
     target = load_target(cfg.target, device, dtype, capture_plan)
     shard = PreparedData(train=capture_plan.shard(plan.prepared.train), heldout=[])
     produce(cfg, DataPlan(shard, plan.draft_ids, plan.tokenizer_hash, plan.data_hash),
-            store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids)
+            store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids, capture_plan.is_leader)
     del target  # free the target before the draft trains
     barrier()
     refs = [store.lookup(s.sample_id, s.index) for s in plan.prepared.train]
@@ -331,7 +332,8 @@ def run_producer(cfg: Config, environ=os.environ) -> RunResult:
         shard = DataPlan(PreparedData(train=capture_plan.shard(plan.prepared.train), heldout=[]), plan.draft_ids,
                          plan.tokenizer_hash, plan.data_hash)
         target = load_target(cfg.target, device, dtype, capture_plan)
-        refs = produce(cfg, shard, store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids)
+        refs = produce(cfg, shard, store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids,
+                       capture_plan.is_leader)
         return gather_refs(refs if capture_plan.is_leader else [])
 
     if rank == 0:

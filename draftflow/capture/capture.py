@@ -61,7 +61,7 @@ class _Item:
 
 def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples: Iterable, store,
                      capture_cfg, feature_dtype: torch.dtype = torch.bfloat16,
-                     progress: bool = True) -> list[SampleRef]:
+                     progress: bool = True, publish: bool = True) -> list[SampleRef]:
     """Capture and publish the features of every sample; return refs in sample index order.
 
     `samples` are objects with .sample_id, .index, .input_ids and .loss_mask. Batches are
@@ -69,7 +69,8 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
     batch: floating-point results depend on a batch's shape, and a rerun after a crash
     must write the features an uninterrupted run would have written. A batch whose
     samples are all published is skipped without running the target; a partly published
-    one is recomputed and only its missing samples are put.
+    one is recomputed and only its missing samples are put. `publish` false: run the
+    forwards only (a tensor-parallel group member whose leader publishes the features).
     """
     aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, len(target.model.model.layers))
     if capture_cfg.batch_tokens <= 0:
@@ -93,6 +94,11 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
         # on the oldest write keeps at most two batches of features in host memory.
         writes: deque = deque()
         for batch in batches:
+            if not publish:  # the forward's collectives need every rank of the group; the copies do not
+                _run_forward(target.model, batch)
+                hooks.take()
+                bar.update(sum(i.num_tokens for i in batch))
+                continue
             features = _run_batch(target.model, hooks, batch, feature_dtype)
             missing = [(i, f) for i, f in zip(batch, features) if i.index not in refs]
             writes.append(writer.submit(_publish, store, missing))
@@ -194,15 +200,22 @@ def pad_batch(batch: Sequence[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype) -> list[dict]:
-    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU."""
+def _run_forward(model, batch: list[_Item]) -> None:
+    """One right-padded forward over `batch` (the hooks keep what capture needs).
+
+    Right padding with a causal model: a real position only attends to earlier
+    positions, all real, and the mask also hides padding keys. Padding positions are
+    computed and then dropped; they never feed a real token's features."""
     device = next(model.parameters()).device
     input_ids, attention_mask = pad_batch(batch)
     with torch.inference_mode():
-        # Right padding with a causal model: a real position only attends to earlier
-        # positions, all real, and the mask also hides padding keys. Padding positions
-        # are computed and then dropped; they never feed a real token's features.
         model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+
+
+def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype) -> list[dict]:
+    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU."""
+    _run_forward(model, batch)
+    with torch.inference_mode():
         aux, last = hooks.take()
         aux, last = aux.to(feature_dtype), last.to(feature_dtype)
         if aux.is_cuda:
