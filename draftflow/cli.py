@@ -73,6 +73,7 @@ def cmd_regenerate(args) -> int:
 
 def cmd_capture(args) -> int:
     from draftflow.capture.capture import resolve_device_dtype
+    from draftflow.capture.parallel import plan_capture
     from draftflow.capture.target import load_target, resolve_aux_layer_ids
     import os
 
@@ -83,8 +84,12 @@ def cmd_capture(args) -> int:
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
+    device, dtype = resolve_device_dtype(cfg.capture)
+    # One process: capture.parallel none or pipeline (tp needs a torchrun producer);
+    # checked before the store is opened, so a refused setting leaves no store record.
+    capture_plan = plan_capture(cfg.capture, hf_config, 1, 0, device)
     store = open_colocated_store(cfg, provenance, os.environ)
-    target = load_target(cfg.target, *resolve_device_dtype(cfg.capture))
+    target = load_target(cfg.target, device, dtype, capture_plan)
     refs = produce(cfg, plan, store, target, aux_ids)
     store.close()
     print(f"captured {len(refs)} samples ({sum(r.num_tokens for r in refs)} tokens) into "

@@ -205,11 +205,12 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
-    store = open_colocated_store(cfg, provenance, environ)
     device, dtype = resolve_device_dtype(cfg.capture)
     if dist.device.type == "cuda" and device.type == "cuda":
         device = dist.device  # each rank captures on its own GPU
+    # checked before the store is opened: a refused setting leaves no store record behind
     capture_plan = plan_capture(cfg.capture, hf_config, dist.world_size, dist.rank, device)
+    store = open_colocated_store(cfg, provenance, environ)
     target = load_target(cfg.target, device, dtype, capture_plan)
     shard = PreparedData(train=capture_plan.shard(plan.prepared.train), heldout=[])
     produce(cfg, DataPlan(shard, plan.draft_ids, plan.tokenizer_hash, plan.data_hash),

@@ -119,3 +119,17 @@ def test_tp_size_must_divide_the_heads():
     hf_no_plan = SimpleNamespace(model_type="oddball", base_model_tp_plan=None, num_attention_heads=4)
     with pytest.raises(ValueError, match=r"no tensor-parallel plan for model type 'oddball'.*pipeline"):
         plan_capture(cfg, hf_no_plan, 2, 0, torch.device("cpu"))
+
+
+def test_the_capture_command_honours_capture_parallel(tmp_path):
+    """`draftflow capture` is one process: capture.parallel none works, tp is refused
+    naming the key (a tensor-parallel producer runs under torchrun)."""
+    def capture(*extra):
+        return subprocess.run([sys.executable, "-m", "draftflow", "capture", "-c", str(TINY), *COMMON,
+                               f"features.root={tmp_path / 'feat'}", *extra], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    refused = capture("capture.parallel=tp", "capture.tp_size=2")
+    assert refused.returncode == 2 and "capture.tp_size: 2 must divide the job's 1 rank" in refused.stderr
+    done = capture()
+    assert done.returncode == 0 and "captured 8 samples" in done.stdout, done.stderr[-2000:]
