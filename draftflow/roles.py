@@ -433,8 +433,7 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
             identity = consumer_identity(cfg.train.output_dir, int(environ.get("RANK", "0")))
             claims = ClaimBook(control_dir(cfg), default_owner(identity), cfg.features.claim_timeout_s, keys,
                                identity=identity)
-            source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s,
-                                       features_root=cfg.features.root)
+            source = ClaimingRefSource(reader, store, claims, cfg.features.wait_timeout_s)
         else:
             source = ManifestRefSource(reader, cfg.features.wait_timeout_s)
         return train_from_refs(cfg, load_target_weights(cfg.target), list(expected.aux_layer_ids),

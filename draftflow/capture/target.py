@@ -196,8 +196,7 @@ def random_target_folder(target_cfg) -> Path:
     loaders that read shards (tensor parallelism, device_map). Same config and seed,
     same folder and weights on every rank and host."""
     final = Path(target_cfg.cache_dir).expanduser() / "random" / random_identity(target_cfg).replace(":", "-")
-    if (final / "config.json").is_file():
-        return final
+    return _build_folder_once(final, lambda tmp: build_random_model(target_cfg).save_pretrained(tmp))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -330,21 +329,25 @@ def gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
 def ensure_gguf_converted(gguf: Path, cache_dir: Path, chat_template: str | None = None) -> Path:
     """Convert `gguf` once into a bf16 safetensors folder (+ tokenizer, given
     `chat_template` where the GGUF carries none); return that folder."""
-    final = gguf_cache_folder(gguf, cache_dir)
+    return _build_folder_once(gguf_cache_folder(gguf, cache_dir),
+                              lambda tmp: _convert_gguf(gguf, tmp, chat_template))
+
+
+def _build_folder_once(final: Path, build) -> Path:
+    """`final` (a model folder), made by `build(tmp)` unless it exists. Built in a private
+    temp folder and published with one rename, so a crash or a concurrent process never
+    leaves (or sees) a half-written folder; if another publishes first, theirs is used."""
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private temp folder and publish with one rename, so a crash or a
-    # concurrent producer never leaves (or sees) a half-written cache entry.
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _convert_gguf(gguf, tmp, chat_template)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             if not (final / "config.json").is_file():
                 raise
-            # Another process published the same conversion first; use theirs.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

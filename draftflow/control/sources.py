@@ -129,11 +129,11 @@ class ClaimingRefSource:
     first."""
 
     def __init__(self, reader: ManifestReader, store, claims: ClaimBook, timeout_s: float,
-                 poll_s: float = 0.2, features_root=None):
+                 poll_s: float = 0.2):
         self.num_samples = reader.header.num_samples
         self._store, self._claims, self._timeout_s, self._poll_s = store, claims, timeout_s, poll_s
         self._root = reader.control_dir.parent
-        self._room = RoomWanted(features_root if features_root is not None else self._root)
+        self._room = RoomWanted(self._root)  # control_dir's parent is features.root
         self._follow = reader.follow(timeout_s, idle=self._should_pause)
         self._skipped: list[SampleRef] = []
         self._handed: dict[str, SampleRef] = {}  # claimed by us, not yet committed

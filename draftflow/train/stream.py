@@ -53,6 +53,8 @@ class BatchShape:
 class SeededStream:
     """Refs in the seeded order (`SampleOrder`), by index from a ref source."""
 
+    ordered = True  # each loaded step is that step of the order
+
     def __init__(self, store, source, shape: BatchShape, dist: DistInfo, pin_memory: bool):
         self.store, self.source, self.shape, self.dist, self.pin_memory = store, source, shape, dist, pin_memory
         self.num_samples = source.num_samples
@@ -66,7 +68,7 @@ class SeededStream:
                                  batch_size=self.shape.batch_size, grad_accum=self.shape.grad_accum,
                                  world_size=self.dist.world_size, rank=self.dist.rank, origin=origin)
         self.loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=check_ref,
-                                    pin_memory=self.pin_memory)
+                                    pin_memory=self.pin_memory, ordered=self.ordered)
 
     def next(self, step: int) -> StepData | None:
         return StepData(self.loader.next(step))
@@ -95,6 +97,8 @@ class SeededStream:
 class ConsumeOnceStream(SeededStream):
     """Arrival-order refs from a `ClaimingRefSource` (see module docstring)."""
 
+    ordered = False  # arrival order: only the micro-batch sizes come from `order`
+
     def __init__(self, store, source, shape: BatchShape, dist: DistInfo, pin_memory: bool, hidden_size: int):
         super().__init__(store, source, shape, dist, pin_memory)
         self.hidden_size = hidden_size
@@ -103,7 +107,6 @@ class ConsumeOnceStream(SeededStream):
 
     def open(self, start: int, end: int, data: dict, check_ref) -> None:
         super().open(start, end, {}, check_ref)
-        self.loader.ordered = False  # arrival order: only the micro-batch sizes come from `order`
         self.source.on_error = self.loader.fail  # a failed commit may be what the loader waits for
 
     def next(self, step: int) -> StepData | None:
