@@ -13,7 +13,8 @@ FLOPs per token: each TTT step runs q/k/v/o, the MLP and the draft lm_head plus
 causal attention over a mean prefix of T/2, three times (forward and backward);
 the fc runs once per token (three times, it is trained) and the frozen target
 lm_head once (forward only). Recomputation (of the draft head and of the decoder
-layer, by `--recompute`; each run's JSON says which auto chose) is not counted.
+layer, by `--recompute`; each run's JSON says which auto chose and the peak the
+memory model predicted for it, beside the measured one) is not counted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from draftflow.config import COMPILE_CHOICES, TrainConfig, compile_option
 from draftflow.train.batches import collate
 from draftflow.train.distributed import init_distributed, shutdown
 from draftflow.train.loss import Teacher
+from draftflow.train.memory import GIB
 from draftflow.train.model import DraftModelConfig, Eagle3Draft
 from draftflow.train.parallel import TrainState
 from draftflow.train.ttt_attention import reference_ttt_attention, ttt_attention
@@ -42,9 +44,13 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
 TTT_STEPS = 7
 
 
+def draft_config(shape: dict) -> DraftModelConfig:
+    return DraftModelConfig(**shape, rms_norm_eps=1e-5, max_position_embeddings=131072, aux_layer_ids=(1, 15, 28),
+                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+
+
 def build(shape: dict, device: torch.device):
-    cfg = DraftModelConfig(**shape, rms_norm_eps=1e-5, max_position_embeddings=131072, aux_layer_ids=(1, 15, 28),
-                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    cfg = draft_config(shape)
     torch.manual_seed(0)
     draft = Eagle3Draft(cfg)
     draft.t2d[: cfg.draft_vocab_size] = True  # draft vocab = the first Vd target ids (d2t stays 0)
@@ -115,7 +121,7 @@ def profile_steps(step, steps: int, top: int = 30) -> list[dict]:
 
 def bench_seq(state: TrainState, cfg, t, device, rank, warmup, steps, profile: bool = False) -> dict:
     batch = random_batch(cfg, t, device, seed=rank)
-    head_recomputed, layer_recomputed = state.loss.recomputes(state.loss.prepare(batch))
+    plan = state.loss.plan(state.loss.prepare(batch))  # what auto chooses, and the peak it predicts
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -132,11 +138,13 @@ def bench_seq(state: TrainState, cfg, t, device, rank, warmup, steps, profile: b
         step_s = (time.perf_counter() - start) / steps
         kernels = profile_steps(lambda: train_step(state, batch), 2) if profile else None
     except torch.cuda.OutOfMemoryError as e:
-        return {"seq": t, "error": f"out of memory: {str(e).splitlines()[0]}"}
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+        return {"seq": t, "error": f"out of memory: {str(e).splitlines()[0]}", "head_recomputed": plan.head,
+                "layer_recomputed": plan.layer, "predicted_peak_gib": plan.predicted_bytes / GIB}
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
     out = {"seq": t, "step_s": step_s, "tokens_per_s_per_gpu": t / step_s, "peak_gib": peak,
            "final_loss": losses[-1], "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
-           "head_recomputed": head_recomputed, "layer_recomputed": layer_recomputed}
+           "head_recomputed": plan.head, "layer_recomputed": plan.layer,
+           "predicted_peak_gib": plan.predicted_bytes / GIB, "predicted_fits_card": plan.fits}
     if kernels is not None:
         out["profile"] = kernels
     return out
@@ -211,13 +219,21 @@ def print_table(result: dict) -> None:
     print(f"\n{result['device']} x{result['world_size']}, torch {result['torch']}, {result['date']}, "
           f"bf16 matmul {result.get('matmul_tflops', float('nan')):.0f} TFLOP/s, attention: {result['attention']}, "
           f"recompute {result['recompute']}, compile {result['compile']}, fsdp2 {result['fsdp2']}")
-    print(f"{'seq':>7} {'tok/s':>9} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'step s':>7}")
+    print(f"{'seq':>7} {'tok/s':>9} {'tok/s/gpu':>10} {'MFU':>6} {'peak GiB':>9} {'predicted':>9} {'step s':>7}"
+          "  recomputed")
     for r in result["runs"]:
         if "error" in r:
             print(f"{r['seq']:>7} {r['error']}")
             continue
         print(f"{r['seq']:>7} {r['tokens_per_s']:>9.0f} {r['tokens_per_s_per_gpu']:>10.0f} "
-              f"{r.get('mfu', float('nan')):>6.1%} {r['peak_gib']:>9.1f} {r['step_s']:>7.3f}")
+              f"{r.get('mfu', float('nan')):>6.1%} {r['peak_gib']:>9.1f} {r['predicted_peak_gib']:>9.1f} "
+              f"{r['step_s']:>7.3f}  {recomputed(r)}")
+
+
+def recomputed(run: dict) -> str:
+    """What backward recomputed in a run: nothing, head, layer, or head and layer."""
+    parts = [p for p in ("head", "layer") if run[f"{p}_recomputed"]]
+    return " and ".join(parts) or "nothing"
 
 
 if __name__ == "__main__":

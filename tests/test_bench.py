@@ -182,6 +182,27 @@ def test_train_benchmark_small_with_kernel_profile(tmp_path):
     run = r["runs"][0]
     assert run["finite"] and _positive(run["tokens_per_s"])
     assert run["head_recomputed"] is False and run["layer_recomputed"] is False  # auto on CPU
+    assert _positive(run["predicted_peak_gib"]) and run["predicted_fits_card"] is None  # no card to fit on CPU
     assert run["profile"] and all(_positive(p["ms_per_step"]) for p in run["profile"])
     assert any("mm" in p["name"] for p in run["profile"])
     assert "fsdp2 False" in proc.stdout
+
+
+def test_side_by_side_benchmark_small_runs_draftflow_and_says_why_specforge_did_not(tmp_path):
+    """bench_specforge_gpu.py --small: DraftFlow's side on CPU at every length (the
+    lengths both systems train and the ones DraftFlow trains alone), SpecForge's
+    recorded as skipped (its loss is a Triton kernel), one comparison row per length."""
+    out = tmp_path / "side.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_specforge_gpu.py"), "--small",
+                           "--both-seqs", "24,40", "--draftflow-seqs", "56", "--out", str(out)],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "Triton" in r["specforge"]["skipped"] and r["specforge"]["runs"] == []
+    assert [run["seq"] for run in r["draftflow"]["runs"]] == [24, 40, 56]
+    assert all(_positive(run["tokens_per_s"]) and run["finite"] for run in r["draftflow"]["runs"])
+    assert [row["seq"] for row in r["comparison"]] == [24, 40, 56]
+    assert all(row["auto_recomputed"] == "nothing" and _positive(row["predicted_peak_gib"]) and "ratio" not in row
+               for row in r["comparison"])
+    assert "auto recomputed" in proc.stdout and "specforge: skipped" in proc.stdout

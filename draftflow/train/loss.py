@@ -21,7 +21,7 @@ Memory does not grow with full vocab x sequence x unroll steps: the teacher's
 full-vocab logits [c, V] exist for one chunk of rows at a time (only the
 draft-vocab log-probs, the full-vocab probabilities at the draft ids [N, Vd] and
 the argmax [N] are kept), and each step's draft head runs per chunk, under
-activation checkpointing where `DraftLoss.recomputes` asks for it, so autograd
+activation checkpointing where `DraftLoss.plan` asks for it, so autograd
 keeps a chunk's hidden rows [c, H] instead of its [c, Vd] log-probs. Every
 operation is row-wise, so a chunk computes exactly what the whole did for its rows.
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from draftflow.config import RECOMPUTE_MODES
+from draftflow.train.memory import GIB, HEADROOM, RecomputePlan, choose_recompute, predicted_peak_bytes
 from draftflow.train.model import Eagle3Draft
 from draftflow.train.ttt_attention import EAGER_MERGE, Merge, compiled_merge
 
@@ -253,18 +255,6 @@ def ttt_loss(draft: Eagle3Draft, inputs: LossInputs, decay: float, denominators:
     return StepOutput(total, ploss, correct, accept)
 
 
-# `auto` on CUDA. The draft head keeps, for backward, about HEAD_BYTES_PER_LOGIT bytes per
-# row and draft-vocab entry (a bf16 logit and a float32 log-prob, plus the eager head's
-# extra copies). It is kept while that takes at most HEAD_MEMORY_SHARE of the card and
-# recomputed per chunk beyond, which costs the head's forward again. The decoder layer's
-# activations grow with every position of the micro-batch and every unroll step; they
-# are recomputed from RECOMPUTE_LAYER_TOKENS positions on. docs/benchmarks.md has the
-# measurements behind both numbers.
-HEAD_BYTES_PER_LOGIT = 8
-HEAD_MEMORY_SHARE = 0.25
-RECOMPUTE_LAYER_TOKENS = 16384
-
-
 @functools.cache
 def _card_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).total_memory
@@ -278,9 +268,9 @@ class DraftLoss(nn.Module):
 
     recompute (`train.recompute`): whether backward recomputes the draft head (per
     chunk of rows) and the decoder layer instead of keeping their activations:
-    always, never, or auto (on CUDA: the head once its kept activations would take
-    more than HEAD_MEMORY_SHARE of the card, the layer from RECOMPUTE_LAYER_TOKENS
-    positions of the micro-batch on). compile (`train.compile`, already resolved to a
+    always, never, or auto (on CUDA: nothing while the step's predicted peak fits the
+    card with headroom, else the fastest option that does, `memory.choose_recompute`;
+    on CPU nothing). compile (`train.compile`, already resolved to a
     bool): torch.compile the layer's two halves, the draft head, the attention merge
     and the teacher's passes over the logits.
     """
@@ -302,24 +292,31 @@ class DraftLoss(nn.Module):
     def prepare(self, batch) -> LossInputs:
         return prepare(self.teacher, batch, self.ttt_length)
 
-    def recomputes(self, inputs: LossInputs) -> tuple[bool, bool]:
-        """(head, layer): what backward recomputes for this micro-batch (auto: by the
-        memory the head's rows would keep, and by all the positions the layer runs on)."""
-        if self.recompute == "auto":
-            ids = inputs.batch.input_ids
-            if not ids.is_cuda:
-                return False, False
-            head_bytes = (sum(r.numel() for r in inputs.rows.draft) * self.draft.cfg.draft_vocab_size
-                          * HEAD_BYTES_PER_LOGIT)
-            return head_bytes > HEAD_MEMORY_SHARE * _card_bytes(ids.device), ids.numel() >= RECOMPUTE_LAYER_TOKENS
-        return (self.recompute == "always",) * 2
+    def plan(self, inputs: LossInputs) -> RecomputePlan:
+        """What backward recomputes for this micro-batch and the step's predicted peak
+        (`memory.py`); auto chooses by that prediction against the card."""
+        ids, rows = inputs.batch.input_ids, inputs.rows
+        shape = dict(positions=ids.numel(), ttt_length=self.ttt_length,
+                     head_rows=sum(r.numel() for r in rows.draft), teacher_rows=rows.teacher.numel())
+        if self.recompute == "auto" and ids.is_cuda:
+            card = _card_bytes(ids.device)
+            plan = choose_recompute(self.draft.cfg, card_bytes=card, **shape)
+            if not plan.fits:
+                warnings.warn(f"train.recompute auto: {ids.numel()} positions in a micro-batch are predicted to peak "
+                              f"at {plan.predicted_bytes / GIB:.1f} GiB even with the head and layer recomputed, "
+                              f"over {1 - HEADROOM:.0%} of this card's {card / GIB:.1f} GiB; a smaller data.max_length "
+                              "or batch would fit", stacklevel=2)
+            return plan
+        head = layer = self.recompute == "always"  # auto on CPU: nothing (no card to fit)
+        return RecomputePlan(head=head, layer=layer,
+                             predicted_bytes=predicted_peak_bytes(self.draft.cfg, head=head, layer=layer, **shape))
 
     def forward(self, inputs: LossInputs, denominators: list[float]) -> tuple[torch.Tensor, ...]:
         """The fields of `StepOutput` as a tuple (`StepOutput(*module(...))`): FSDP2 hooks
         its backward through the forward's output tensors, which it finds in tuples but,
         on some torch versions, not inside a dataclass (no gradients then reach the
         sharded parameters)."""
-        head, layer = self.recomputes(inputs)
-        out = ttt_loss(self.draft, inputs, self.decay, denominators, recompute=head, recompute_layer=layer,
+        plan = self.plan(inputs)
+        out = ttt_loss(self.draft, inputs, self.decay, denominators, recompute=plan.head, recompute_layer=plan.layer,
                        head=self.head, layer=self.layer, merge=self.merge)
         return out.loss, out.ploss, out.correct, out.accept
