@@ -27,12 +27,15 @@ def peak_gib(t: int, head: bool, layer: bool) -> float:
     return predicted_peak_bytes(LLAMA31_8B, t, TTT, head, layer, **rows(t)) / GIB
 
 
-@pytest.mark.parametrize("t, head, layer, measured", [(2048, False, False, 14.2), (8192, False, False, 32.5),
-                                                      (32768, True, True, 40.7)])
-def test_prediction_is_at_or_just_above_the_measured_h200_peaks(t, head, layer, measured):
-    """docs/benchmarks.md's peaks calibrate the model; it may err high (a needless
-    recompute), never low (an out-of-memory crash), and by under 2 GiB."""
-    assert measured <= peak_gib(t, head, layer) <= measured + 2.0
+@pytest.mark.parametrize("t, head, layer, measured, slack", [
+    (2048, False, False, 14.2, 2.0), (8192, False, False, 32.5, 2.0), (32768, True, True, 40.7, 2.0),
+    (65536, True, False, 112.2, 2.0), (65536, True, True, 71.2, 2.0), (131072, True, True, 132.3, 3.0),
+    (32768, False, False, 101.6, 6.0)])
+def test_prediction_is_at_or_just_above_the_measured_h200_peaks(t, head, layer, measured, slack):
+    """docs/benchmarks.md's peaks (2026-11-26 and 2026-12-02) calibrate the model; it
+    may err high (a needless recompute), never low (an out-of-memory crash). The
+    32k keep-everything point is its worst, 5.5 GiB high."""
+    assert measured <= peak_gib(t, head, layer) <= measured + slack
 
 
 def test_h200_keeps_everything_at_32k_recomputes_the_head_at_64k_and_both_at_128k():
@@ -62,11 +65,11 @@ def _card_where_both_single_options_fit_but_not_nothing(cfg, t):
     return int((singles + nothing) / 2 / (1 - HEADROOM))
 
 
-@pytest.mark.parametrize("draft_vocab, head_first", [(32000, True), (1200, False)])
+@pytest.mark.parametrize("draft_vocab, head_first", [(32000, True), (6000, False)])
 def test_the_single_option_saving_most_memory_per_extra_flop_comes_first(draft_vocab, head_first):
     """A large draft vocab makes the head the cheaper saving; with a small one the head
     saves little for its FLOPs (8 B against 2*H FLOPs per logit, less its kept input
-    row), and the layer goes first."""
+    row and the layer output it no longer shares), and the layer goes first."""
     cfg = dataclasses.replace(LLAMA31_8B, draft_vocab_size=draft_vocab)
     plan = choose_recompute(cfg, 32768, TTT, _card_where_both_single_options_fit_but_not_nothing(cfg, 32768))
     assert (plan.head, plan.layer) == (head_first, not head_first)

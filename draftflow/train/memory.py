@@ -81,8 +81,16 @@ HEAD_CHUNK_BYTES_PER_LOGIT = 12
 # intermediate unit (gate and up, bf16, plus the SiLU product). 18H + 6I is the
 # count; the measured 2k-8k slope (3.20 MB per position, less the teacher, feature
 # and head terms) gives 159.6 kB for the 8B shape, where 18H + 6I = 159.7 kB.
+# A second calibration (2026-12-02, same card and shape) measured 112.2 GiB at 65,536
+# positions with the head recomputed and the layer kept, 12.7 GiB above that count,
+# and 71.2 GiB with both recomputed, as predicted. The gap is about
+# LAYER_OUTPUT_BYTES_PER_HIDDEN per hidden unit, position and step: the kept layer's
+# output as autograd holds it for the next step, which a kept head's activations
+# already include (so the nothing-recomputed fit above has it), while a recomputed
+# head keeps only its own bf16 copy of its input. It is added only in that case.
 LAYER_BYTES_PER_HIDDEN = 18
 LAYER_BYTES_PER_INTERMEDIATE = 6
+LAYER_OUTPUT_BYTES_PER_HIDDEN = 8  # 12.7 GiB over 65,536 x 7 x 4096 is 6.8; rounded up to err high
 # Recomputed (`Eagle3Draft.unroll`): checkpoint keeps each step's inputs (embedding,
 # hidden), q, and the attention output before and after o_proj, ~5 bf16 [T, H]
 # tensors, plus k and v [T, nkv*hd] that later steps attend to.
@@ -123,7 +131,8 @@ def fixed_bytes(cfg: DraftModelConfig) -> int:
 
 
 def _layer_kept_bytes(cfg: DraftModelConfig) -> int:
-    """Kept activations of the decoder layer, per position and unroll step."""
+    """Kept activations of the decoder layer, per position and unroll step (as counted;
+    `predicted_peak_bytes` adds its output where a recomputed head does not hold it)."""
     return LAYER_BYTES_PER_HIDDEN * cfg.hidden_size + LAYER_BYTES_PER_INTERMEDIATE * cfg.intermediate_size
 
 
@@ -147,7 +156,7 @@ def predicted_peak_bytes(cfg: DraftModelConfig, positions: int, ttt_length: int,
                     + LAYER_RECOMPUTED_BYTES_PER_KV * cfg.num_key_value_heads * cfg.head_dim)
         layer_bytes = positions * (ttt_length * per_step + LAYER_REBUILD_STEPS * _layer_kept_bytes(cfg))
     else:
-        layer_bytes = positions * ttt_length * _layer_kept_bytes(cfg)
+        layer_bytes = positions * ttt_length * (_layer_kept_bytes(cfg) + (LAYER_OUTPUT_BYTES_PER_HIDDEN * h if head else 0))
     return int(fixed_bytes(cfg) + once + head_bytes + layer_bytes)
 
 
@@ -161,7 +170,8 @@ def _extra_flops(cfg: DraftModelConfig) -> dict[str, int]:
 def _options(cfg: DraftModelConfig, ttt_length: int) -> list[tuple[bool, bool]]:
     """(head, layer) from fastest to most memory-saving: nothing, the single option
     saving the most bytes per extra FLOP, the other, both."""
-    saved = {"head": (HEAD_BYTES_PER_LOGIT * cfg.draft_vocab_size - HEAD_INPUT_BYTES_PER_HIDDEN * cfg.hidden_size),
+    saved = {"head": (HEAD_BYTES_PER_LOGIT * cfg.draft_vocab_size
+                      - (HEAD_INPUT_BYTES_PER_HIDDEN + LAYER_OUTPUT_BYTES_PER_HIDDEN) * cfg.hidden_size),
              "layer": (_layer_kept_bytes(cfg) - LAYER_RECOMPUTED_BYTES_PER_HIDDEN * cfg.hidden_size
                        - LAYER_RECOMPUTED_BYTES_PER_KV * cfg.num_key_value_heads * cfg.head_dim)}
     flops = _extra_flops(cfg)
