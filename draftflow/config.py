@@ -102,7 +102,8 @@ class MooncakeConfig:
 
 @dataclass(**RECORD)
 class FeaturesConfig:
-    backend: str = "local"  # local | shared_dir | mooncake
+    # local | shared_dir | mooncake | memory (online: features live only in the job's memory)
+    backend: str = "local"
     # Directory for sample files (local, shared_dir) and for the manifest and control
     # records (every backend): a path both producer and consumer reach.
     root: str = "./features"
@@ -113,7 +114,8 @@ class FeaturesConfig:
     secret_file: str | None = None  # else the DRAFTFLOW_SECRET environment variable
     wait_timeout_s: float = 600.0  # a consumer waiting for refs gives up after this
     claim_timeout_s: float = 300.0  # a crashed consumer's claims are reclaimed after this
-    max_inflight_bytes: int = 8 << 30  # producer back-pressure in consume-once mode
+    # back-pressure: a consume-once producer's bytes in the store, an online run's features in memory
+    max_inflight_bytes: int = 8 << 30
     mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
 
 
@@ -249,7 +251,7 @@ RANGES: dict[str, Range] = {
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # features.dtype; capture.dtype adds "auto"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # "cuda:N" stands for any GPU index
 _CUDA_INDEX = re.compile(r"cuda:\d+")
-STORE_BACKENDS = ("local", "shared_dir", "mooncake")  # the keys of stores.BACKENDS
+STORE_BACKENDS = ("local", "shared_dir", "mooncake", "memory")  # the keys of stores.BACKENDS
 
 # Every enum-like setting and its allowed values, checked as the config loads like
 # RANGES: a misspelt value would otherwise be ignored, or fail only after a capture.
@@ -450,10 +452,15 @@ def _check_release(features: FeaturesConfig) -> None:
 # `config_warnings` names each one set to other than its default.
 BACKEND_ONLY: dict[str, tuple[str, ...]] = {
     "features.mooncake": ("mooncake",),  # every key in the section
-    "features.max_inflight_bytes": ("shared_dir",),  # a Mooncake put waits for room in its segment instead
+    # a Mooncake put waits for room in its segment instead
+    "features.max_inflight_bytes": ("shared_dir", "memory"),
     # only producers and consumers wait, and they need a shared backend (roles.require_shared_backend)
     "features.wait_timeout_s": ("shared_dir", "mooncake"),
     "features.claim_timeout_s": ("shared_dir", "mooncake"),
+    # an online run (memory) writes no files, keeps no samples and signs with a key of its own
+    "features.root": ("local", "shared_dir", "mooncake"),
+    "features.release": ("local", "shared_dir", "mooncake"),
+    "features.secret_file": ("local", "shared_dir", "mooncake"),
 }
 
 

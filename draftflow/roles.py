@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,14 @@ import torch
 
 import draftflow
 from draftflow.capture.capture import capture_features, resolve_device_dtype
+from draftflow.capture.online import CapturingSource, check_online_fits, online_memory_need
 from draftflow.capture.parallel import LeaderOnly, plan_capture
 from draftflow.capture.target import (LoadedTarget, config_hash, load_target, random_config,
                                       resolve_aux_layer_ids, resolve_target_folder, target_identity)
 from draftflow.config import Config
 from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
                                         wait_for_header)
-from draftflow.control.binding import StoreFill, check_filled_with, colocated_secret, open_store_record
+from draftflow.control.binding import RunKeys, StoreFill, check_filled_with, colocated_secret, open_store_record
 from draftflow.control.claims import ClaimBook, consumer_identity, default_owner
 from draftflow.control.lease import ProducerLease
 from draftflow.control.signing import load_secret
@@ -46,7 +48,7 @@ from draftflow.train.batches import ListRefSource, RefSource
 from draftflow.train.distributed import barrier, host_threads, init_distributed
 from draftflow.train.loss import Teacher
 from draftflow.train.parallel import TrainState
-from draftflow.train.stream import BatchShape, ConsumeOnceStream, SeededStream
+from draftflow.train.stream import BatchShape, ConsumeOnceStream, OnlineStream, SeededStream
 from draftflow.train.trainer import TargetWeights, Trainer, build_draft, build_draft_config, load_target_weights
 from draftflow.train.vocab import build_draft_vocab
 
@@ -131,10 +133,13 @@ def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: l
 
 def sample_stream(cfg: Config, store, source: RefSource, release: str, dist, pin_memory: bool, hidden_size: int):
     """The trainer's step stream for a release policy: the seeded order (colocated
-    runs and retain consumers) or arrival order with commits at checkpoints."""
+    runs and retain consumers; captured as it goes in an online run) or arrival order
+    with commits at checkpoints."""
     shape = BatchShape(batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, seed=cfg.train.seed)
     if release == "consume_once":
         return ConsumeOnceStream(store, source, shape, dist, pin_memory, hidden_size)
+    if release == "online":
+        return OnlineStream(store, source, shape, dist, pin_memory)
     return SeededStream(store, source, shape, dist, pin_memory)
 
 
@@ -193,23 +198,45 @@ def open_colocated_store(cfg: Config, provenance: Provenance, environ):
     return build_store(cfg.features, keys)
 
 
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """What a one-job run (colocated, online) derives before it loads anything large."""
+
+    hf_config: object
+    data: DataPlan
+    aux_ids: list[int]
+    provenance: Provenance
+    device: torch.device  # where this rank's target runs
+    dtype: torch.dtype
+    capture: object  # capture.parallel.CapturePlan
+
+
+def plan_job(cfg: Config, dist) -> JobPlan:
+    hf_config = target_hf_config(cfg)
+    data = plan_data(cfg, hf_config.vocab_size)
+    aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
+    provenance = build_provenance(cfg, hf_config, aux_ids, data.tokenizer_hash, data.data_hash)
+    device, dtype = resolve_device_dtype(cfg.capture)
+    if dist.device.type == "cuda" and device.type == "cuda":
+        device = dist.device  # each rank's target on its own GPU
+    capture = plan_capture(cfg.capture, hf_config, dist.world_size, dist.rank, device)
+    return JobPlan(hf_config, data, aux_ids, provenance, device, dtype, capture)
+
+
 def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ) -> RunResult:
     """Prepare, capture and train in one job. Under torchrun every rank captures its
-    own shard of the samples into the (shared) store, then all train on all of them."""
+    own shard of the samples into the (shared) store, then all train on all of them.
+    With features.backend memory the job trains online (`run_online`)."""
+    if cfg.features.backend == "memory":
+        return run_online(cfg, stop_after)
     dist = init_distributed(cfg.train.device)
     if dist.world_size > 1 and cfg.features.backend == "mooncake" and not cfg.features.mooncake.master:
         raise ValueError("features.mooncake.master: a colocated run under torchrun needs one master that every "
                          "rank shares (start `draftflow store serve --backend mooncake`); without it each rank "
                          "would start a private one")
-    hf_config = target_hf_config(cfg)
-    plan = plan_data(cfg, hf_config.vocab_size)
-    aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
-    provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
-    device, dtype = resolve_device_dtype(cfg.capture)
-    if dist.device.type == "cuda" and device.type == "cuda":
-        device = dist.device  # each rank captures on its own GPU
-    # checked before the store is opened: a refused setting leaves no store record behind
-    capture_plan = plan_capture(cfg.capture, hf_config, dist.world_size, dist.rank, device)
+    job = plan_job(cfg, dist)  # checked before the store is opened: a refused setting leaves no record behind
+    hf_config, plan, aux_ids, provenance = job.hf_config, job.data, job.aux_ids, job.provenance
+    device, dtype, capture_plan = job.device, job.dtype, job.capture
     store = open_colocated_store(cfg, provenance, environ)
     target = load_target(cfg.target, device, dtype, capture_plan)
     shard = PreparedData(train=capture_plan.shard(plan.prepared.train), heldout=[])
@@ -227,6 +254,33 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
     store.close()
     return RunResult(output_dir=result.output_dir, final_dir=result.final_dir, checkpoint=result.checkpoint,
                      num_samples=len(refs), num_tokens=sum(r.num_tokens for r in refs))
+
+
+def run_online(cfg: Config, stop_after: int | None = None) -> RunResult:
+    """Capture and train in one job with no feature files (features.backend memory):
+    each rank loads the target beside its draft, captures the samples of its own part of
+    the seeded order a few steps ahead of training, and frees each once it is batched
+    (`capture/online.py`). Same trainer, loader and loss as an offline run; on CPU the
+    same draft, bit for bit, as an offline colocated run of the same config."""
+    dist = init_distributed(cfg.train.device)
+    job = plan_job(cfg, dist)
+    hf_config, plan, aux_ids, provenance = job.hf_config, job.data, job.aux_ids, job.provenance
+    device, dtype, capture_plan = job.device, job.dtype, job.capture
+    if capture_plan.mode == "tp":
+        raise ValueError("capture.parallel: tp is not available online (features.backend memory): each rank "
+                         "captures the samples it trains; use capture.parallel none, or a disaggregated run with "
+                         "a TP producer (docs/disaggregated.md)")
+    if device.type == "cuda" and capture_plan.mode == "none":
+        model_cfg = build_draft_config(cfg, hf_config, aux_ids, len(plan.draft_ids))
+        check_online_fits(online_memory_need(hf_config, dtype, model_cfg), device)
+    target = load_target(cfg.target, device, dtype, capture_plan)
+    store = build_store(cfg.features, RunKeys(secrets.token_bytes(32), "memory"))
+    source = CapturingSource(target, aux_ids, plan.prepared.train, store, cfg.capture, feature_dtype(cfg))
+    try:
+        return train_from_refs(cfg, load_target_weights(cfg.target), aux_ids, plan.draft_ids, store, source,
+                               provenance, None, release="online", stop_after=stop_after)
+    finally:
+        store.close()
 
 
 # ---- disaggregated roles -------------------------------------------------------------
@@ -444,6 +498,9 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
 
 
 def require_shared_backend(cfg: Config, role: str) -> None:
+    if cfg.features.backend == "memory":
+        raise ValueError(f"--role {role} needs features.backend shared_dir or mooncake (a memory store lives "
+                         "inside one job: train online with --role colocated)")
     if cfg.features.backend == "local":
         raise ValueError(f"--role {role} needs features.backend shared_dir or mooncake "
                          "(a local store is private to one job; use --role colocated)")

@@ -194,7 +194,9 @@ def test_the_example_configs_set_nothing_their_backend_ignores():
     (["features.backend=shared_dir", "features.mooncake.master=h:1"],
      ["features.mooncake.master: ignored by features.backend shared_dir (read by mooncake only)"]),
     (["features.backend=mooncake", "features.max_inflight_bytes=0"],
-     ["features.max_inflight_bytes: ignored by features.backend mooncake (read by shared_dir only)"]),
+     ["features.max_inflight_bytes: ignored by features.backend mooncake (read by shared_dir and memory only)"]),
+    (["features.backend=memory", "features.max_inflight_bytes=1024"],  # tiny.yaml sets features.root
+     ["features.root: ignored by features.backend memory (read by local and shared_dir and mooncake only)"]),
     (["features.backend=shared_dir", "features.max_inflight_bytes=1024"],
      ["features.max_inflight_bytes: ignored with features.release auto (only a consume_once producer waits "
       "for consumers to free room)"]),

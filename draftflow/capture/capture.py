@@ -190,9 +190,20 @@ class _FeatureHooks:
         return aux, last
 
 
-def pad_batch(batch: Sequence[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids [n, longest] and attention mask of a packed batch (longest first)."""
-    input_ids = torch.zeros(len(batch), batch[0].num_tokens, dtype=torch.int64)
+def padded_lengths(items: Sequence[_Item], batch_tokens: int) -> dict[int, int]:
+    """Sample index -> the length `pack_batches` pads it to (its batch's longest sample).
+
+    A sample's features depend, at rounding level, on the length its forward is padded
+    to (attention reduces over the padded keys), not on the other rows of the batch:
+    an online run captures each sample padded to this length, in whatever company, and
+    gets the features an offline capture of the same samples stores."""
+    return {item.index: batch[0].num_tokens for batch in pack_batches(items, batch_tokens) for item in batch}
+
+
+def pad_batch(batch: Sequence[_Item], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids [n, pad_to] and attention mask of a packed batch (longest
+    first; `pad_to` defaults to the first sample's length)."""
+    input_ids = torch.zeros(len(batch), pad_to or batch[0].num_tokens, dtype=torch.int64)
     attention_mask = torch.zeros_like(input_ids)
     for row, item in enumerate(batch):
         input_ids[row, :item.num_tokens] = item.input_ids
@@ -200,27 +211,30 @@ def pad_batch(batch: Sequence[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def _run_forward(model, batch: list[_Item]) -> None:
+def _run_forward(model, batch: list[_Item], pad_to: int | None = None) -> None:
     """One right-padded forward over `batch` (the hooks keep what capture needs).
 
     Right padding with a causal model: a real position only attends to earlier
     positions, all real, and the mask also hides padding keys. Padding positions are
     computed and then dropped; they never feed a real token's features."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = pad_batch(batch)
+    input_ids, attention_mask = pad_batch(batch, pad_to)
     with torch.inference_mode():
         model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
 
 
-def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype) -> list[dict]:
-    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU."""
-    _run_forward(model, batch)
+def _run_batch(model, hooks: _FeatureHooks, batch: list[_Item], feature_dtype: torch.dtype,
+               pad_to: int | None = None, to_host: bool = True) -> list[dict]:
+    """One right-padded forward over `batch`; the feature tensors of each sample, on CPU
+    (`to_host` false: where the target ran, for a trainer on the same device)."""
+    _run_forward(model, batch, pad_to)
     with torch.inference_mode():
         aux, last = hooks.take()
         aux, last = aux.to(feature_dtype), last.to(feature_dtype)
-        if aux.is_cuda:
+        if aux.is_cuda and to_host:
             return _to_pinned_samples(batch, aux, last)
-        aux, last = aux.cpu(), last.cpu()
+        if to_host:
+            aux, last = aux.cpu(), last.cpu()
     return [{"input_ids": item.input_ids, "loss_mask": item.loss_mask,
              "aux_hidden": aux[row, :item.num_tokens].clone(), "last_hidden": last[row, :item.num_tokens].clone()}
             for row, item in enumerate(batch)]

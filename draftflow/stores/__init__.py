@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from draftflow.stores.base import FeatureStore, Lease, StoreError, ChecksumError
 from draftflow.stores.local import LocalStore
+from draftflow.stores.memory import MemoryStore
 from draftflow.stores.shared_dir import SharedDirStore
 
 
@@ -17,6 +18,7 @@ def _mooncake(features_cfg, keys):
 # and the store's keys (`control.binding.RunKeys`: refs are signed and checked with them).
 BACKENDS = {
     "local": lambda c, keys: LocalStore(c.root, keys),
+    "memory": lambda c, keys: MemoryStore(keys, c.max_inflight_bytes),  # online runs (capture/online.py)
     "shared_dir": SharedDirStore,
     "mooncake": _mooncake,
 }
@@ -33,5 +35,5 @@ def build_store(features_cfg, keys) -> FeatureStore:
     return make(features_cfg, keys)
 
 
-__all__ = ["FeatureStore", "Lease", "StoreError", "ChecksumError", "LocalStore", "SharedDirStore",
+__all__ = ["FeatureStore", "Lease", "StoreError", "ChecksumError", "LocalStore", "MemoryStore", "SharedDirStore",
            "build_store"]

@@ -40,14 +40,18 @@ class TrainBatch:
 
 
 def collate(features: list[dict[str, torch.Tensor]], sample_ids: list[str], pin_memory: bool = False) -> TrainBatch:
-    """Zero-padded batch; pin_memory puts it in page-locked memory, from which the copy
-    to a GPU runs asynchronously at full PCIe rate (a pageable copy is staged)."""
+    """Zero-padded batch, each tensor on its features' device (an online run's features
+    stay on the GPU that captured them); pin_memory puts host tensors in page-locked
+    memory, from which the copy to a GPU runs asynchronously at full PCIe rate (a
+    pageable copy is staged)."""
     lengths = [int(f["input_ids"].shape[0]) for f in features]
     t = max(lengths)
 
     def stack(name: str, dtype=None) -> torch.Tensor:
         first = features[0][name]
-        out = torch.zeros((len(features), t, *first.shape[1:]), dtype=dtype or first.dtype, pin_memory=pin_memory)
+        on_host = first.device.type == "cpu"
+        out = torch.zeros((len(features), t, *first.shape[1:]), dtype=dtype or first.dtype, device=first.device,
+                          pin_memory=pin_memory and on_host)
         for i, f in enumerate(features):
             out[i, : lengths[i]] = f[name]
         return out

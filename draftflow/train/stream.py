@@ -5,7 +5,8 @@ checkpoint is published; it knows nothing else about where samples come from.
 
 - `SeededStream` (colocated runs, retain consumers): the seeded `SampleOrder`,
   the same on every host, so a consumer builds byte-identical batches to a
-  colocated run. It never ends early and has nothing to free.
+  colocated run. It never ends early and has nothing to free. `OnlineStream` is
+  the same order from a source that captures each sample as it is reached.
 - `ConsumeOnceStream` (consume-once consumers): samples in arrival order, each
   claimed by one consumer. It owns what arrival order brings: ranks agree, every
   step, on whether any has data (a rank without trains a batch that learns
@@ -67,6 +68,9 @@ class SeededStream:
         self.order = SampleOrder(num_samples=self.num_samples, seed=self.shape.seed,
                                  batch_size=self.shape.batch_size, grad_accum=self.shape.grad_accum,
                                  world_size=self.dist.world_size, rank=self.dist.rank, origin=origin)
+        self._open_loader(start, end, check_ref)
+
+    def _open_loader(self, start: int, end: int, check_ref) -> None:
         self.loader = FeatureLoader(self.store, self.source, self.order, start, end, check_ref=check_ref,
                                     pin_memory=self.pin_memory, ordered=self.ordered)
 
@@ -92,6 +96,20 @@ class SeededStream:
     def close(self, failed: bool = False) -> None:
         if self.loader is not None:
             self.loader.close()
+
+
+class OnlineStream(SeededStream):
+    """The seeded order, from a source that captures each sample as the order reaches
+    it (`capture.online.CapturingSource`, an online run): the source starts capturing
+    at the step the trainer resumes from, before the loader asks for anything."""
+
+    def _open_loader(self, start: int, end: int, check_ref) -> None:
+        self.source.start(self.order, start, end)
+        super()._open_loader(start, end, check_ref)
+
+    def close(self, failed: bool = False) -> None:
+        super().close(failed)
+        self.source.close()
 
 
 class ConsumeOnceStream(SeededStream):
