@@ -107,7 +107,7 @@ class FeaturesConfig:
     # Directory for sample files (local, shared_dir) and for the manifest and control
     # records (every backend): a path both producer and consumer reach.
     root: str = "./features"
-    dtype: str = "bfloat16"  # stored dtype of aux_hidden and last_hidden
+    dtype: str = "bfloat16"  # stored dtype of aux_hidden and last_hidden (FP8 adds their scales)
     # Release policy: "retain" keeps samples for further epochs; "consume_once" frees
     # each sample once trained on; "auto": retain, since the trainer may run epochs.
     release: str = "auto"
@@ -248,7 +248,9 @@ RANGES: dict[str, Range] = {
 }
 
 
-FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # features.dtype; capture.dtype adds "auto"
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # capture.dtype adds "auto"
+# features.dtype adds FP8, stored with per-token scales (draftflow/features_codec.py)
+FEATURE_DTYPES = (*FLOAT_DTYPES, "float8_e4m3fn")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # "cuda:N" stands for any GPU index
 _CUDA_INDEX = re.compile(r"cuda:\d+")
 STORE_BACKENDS = ("local", "shared_dir", "mooncake", "memory")  # the keys of stores.BACKENDS
@@ -261,7 +263,7 @@ CHOICES: dict[str, tuple] = {
     "capture.dtype": ("auto", *FLOAT_DTYPES),
     "capture.parallel": ("auto", "none", "tp", "pipeline"),
     "features.backend": STORE_BACKENDS,
-    "features.dtype": FLOAT_DTYPES,
+    "features.dtype": FEATURE_DTYPES,
     "features.release": RELEASE_POLICIES,
     "features.mooncake.protocol": ("tcp", "rdma"),
     "train.device": DEVICES,

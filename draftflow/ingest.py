@@ -2,13 +2,15 @@
 
 Two input formats, recognised per file:
 - DraftFlow sample files (`*.safetensors`, e.g. another store's `samples/`): the
-  four features by name, re-checksummed as they are put into the new store.
+  four features by name (FP8 ones with their scales), re-checksummed as they are put
+  into the new store.
 - SpecForge offline features (`*.ckpt`): a dict with `input_ids`, `loss_mask`,
   `hidden_state` (the target's final hidden state, the lm_head input) and
   `aux_hidden_state` ([T, 3H]), leading batch dims of 1 allowed. Loaded with
   `torch.load(weights_only=True)`, which refuses to unpickle arbitrary objects.
 
-Files are taken in sorted name order, which fixes the sample indices. Ingest is
+Hidden features are stored in features.dtype whatever the file holds (FP8 files are
+decoded, FP8 stores encode). Files are taken in sorted name order, which fixes the sample indices. Ingest is
 the producer role without a target: the same manifest, provenance and signing.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from draftflow.features_codec import decode_features, encode_features
 from draftflow.records import FEATURE_NAMES
 from draftflow.stores.base import StoreError
 from draftflow.stores.sample_file import read_sample_file
@@ -73,6 +76,7 @@ def read_feature_file(path: Path, feature_dtype: torch.dtype) -> dict[str, torch
         missing = [k for k in FEATURE_NAMES if k not in feats]
         if missing:
             raise ValueError(f"{path}: missing feature(s) {missing}; expected {list(FEATURE_NAMES)}")
+        feats = decode_features(feats, torch.float32, str(path))  # a file of an FP8 store
     for name, t in feats.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{path}: {name!r} is a {type(t).__name__}, expected a tensor")
@@ -88,8 +92,8 @@ def read_feature_file(path: Path, feature_dtype: torch.dtype) -> dict[str, torch
         raise ValueError(f"{path}: aux hidden width {aux.shape[1]} is not 3 x the hidden size {last.shape[1]}")
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{path}: loss_mask must hold only 0 and 1")
-    return {"input_ids": ids.contiguous(), "loss_mask": mask.to(torch.uint8).contiguous(),
-            "aux_hidden": aux.to(feature_dtype).contiguous(), "last_hidden": last.to(feature_dtype).contiguous()}
+    return encode_features({"input_ids": ids.contiguous(), "loss_mask": mask.to(torch.uint8).contiguous(),
+                            "aux_hidden": aux.contiguous(), "last_hidden": last.contiguous()}, feature_dtype)
 
 
 class IngestedSample:

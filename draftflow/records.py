@@ -91,6 +91,10 @@ class SampleRef:
                    features=tuple(FeatureSpec.from_dict(f) for f in d["features"]), mac=str(d.get("mac", "")))
 
 
+# Provenance fields set by one config key: a refusal names the key to change.
+_CONFIG_KEYS = {"feature_dtype": "features.dtype"}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Provenance:
     """What produced a set of features; a consumer checks it against its own config."""
@@ -131,7 +135,8 @@ class Provenance:
                 continue  # a newer consumer may read an older producer's features
             a, b = getattr(self, f.name), getattr(other, f.name)
             if a != b:
-                out.append(f"{f.name}: {labels[0]} {a!r}, {labels[1]} {b!r}")
+                key = f"{f.name} ({_CONFIG_KEYS[f.name]})" if f.name in _CONFIG_KEYS else f.name
+                out.append(f"{key}: {labels[0]} {a!r}, {labels[1]} {b!r}")
         return out
 
 

@@ -40,6 +40,7 @@ from draftflow.data.prepare import PreparedData, data_hash, prepare_dataset
 from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
 from draftflow.card import card_from_checkpoint, target_section
 from draftflow.export import export_draft, serving_layer_warnings
+from draftflow.features_codec import storage_dtype
 from draftflow.records import Provenance
 from draftflow.stores import StoreError, build_store
 from draftflow.stores.shared_dir import resolve_release
@@ -108,6 +109,7 @@ def build_provenance(cfg: Config, hf_config, aux_ids: list[int], tokenizer_hash_
                      ) -> Provenance:
     for warning in serving_layer_warnings(aux_ids, getattr(hf_config, "model_type", None)):
         log.warning(warning)
+    feature_dtype(cfg)  # a dtype this torch lacks is refused before any store is opened
     return Provenance(target=target_identity(cfg.target), target_config_hash=config_hash(hf_config),
                       tokenizer_hash=tokenizer_hash_, hidden_size=hf_config.hidden_size,
                       vocab_size=hf_config.vocab_size, aux_layer_ids=tuple(aux_ids),
@@ -116,11 +118,7 @@ def build_provenance(cfg: Config, hf_config, aux_ids: list[int], tokenizer_hash_
 
 
 def feature_dtype(cfg: Config) -> torch.dtype:
-    dtype = getattr(torch, cfg.features.dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"features.dtype: {cfg.features.dtype!r} is not a floating torch dtype "
-                         "(expected bfloat16, float16 or float32)")
-    return dtype
+    return storage_dtype(cfg.features.dtype)
 
 
 def produce(cfg: Config, plan: DataPlan, store, target: LoadedTarget, aux_ids: list[int], publish: bool = True):
@@ -454,6 +452,7 @@ def consumer_provenance(cfg: Config, header: ManifestHeader) -> Provenance:
     """What the consumer's own config says the features must be. It cannot check the
     data (it may not have it) or where the producer found the target, so those two
     fields are taken from the manifest; everything else is derived independently."""
+    feature_dtype(cfg)  # this consumer must be able to decode what it asks for
     hf_config = target_hf_config(cfg)
     tok = load_tokenizer(tokenizer_spec(cfg))
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)

@@ -206,3 +206,21 @@ def test_side_by_side_benchmark_small_runs_draftflow_and_says_why_specforge_did_
     assert all(row["auto_recomputed"] == "nothing" and _positive(row["predicted_peak_gib"]) and "ratio" not in row
                for row in r["comparison"])
     assert "auto recomputed" in proc.stdout and "specforge: skipped" in proc.stdout
+
+
+def test_fp8_benchmark_halves_bytes_per_token_and_reports_every_rate(tmp_path, capsys):
+    from draftflow.bench.fp8_features import print_table as print_fp8, run_fp8_benchmark
+
+    result = run_fp8_benchmark(tmp_path, hiddens=(64,), seq_len=16, num_samples=2, json_out=tmp_path / "r.json")
+    bf16, fp8 = result["rows"]
+    assert (bf16["dtype"], fp8["dtype"]) == ("bfloat16", "float8_e4m3fn")
+    # 4H values of 2 bytes + 9 bytes of ids and mask, against 4H of 1 byte + 16 of scales + 9
+    assert bf16["bytes_per_token"] == 8 * 64 + 9 and fp8["bytes_per_token"] == 4 * 64 + 16 + 9
+    assert bf16["encode_ktok_s"] is None and _positive(fp8["encode_ktok_s"]) and _positive(fp8["decode_ktok_s"])
+    for row in result["rows"]:
+        for side in ("write", "read_cold", "read_warm"):
+            assert _positive(row[side]["ratio"]) and _positive(row[side]["store_ktok_s"]), side
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["dtype"] == "float8_e4m3fn"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # its files are removed
+    print_fp8(result)
+    assert "float8_e4m3fn" in capsys.readouterr().out

@@ -133,8 +133,8 @@ def test_every_backend_choice_is_a_store():
 @pytest.mark.parametrize("override, message", [
     ("features.backend=s3", "features.backend: 's3', expected one of local, shared_dir, mooncake"),
     ("features.release=consume-once", "features.release: 'consume-once', expected one of auto, retain, consume_once"),
-    ("features.dtype=fp16", "features.dtype: 'fp16', expected one of bfloat16, float16, float32"),
-    ("features.dtype=auto", "features.dtype: 'auto', expected one of bfloat16, float16, float32"),
+    ("features.dtype=fp16", "features.dtype: 'fp16', expected one of bfloat16, float16, float32, float8_e4m3fn"),
+    ("features.dtype=auto", "features.dtype: 'auto', expected one of bfloat16, float16, float32, float8_e4m3fn"),
     ("features.mooncake.protocol=udp", "features.mooncake.protocol: 'udp', expected one of tcp, rdma"),
     ("capture.device=gpu", "capture.device: 'gpu', expected one of auto, cpu, cuda, cuda:N"),
     ("capture.device=cuda:x", "capture.device: 'cuda:x', expected one of auto, cpu, cuda, cuda:N"),
@@ -152,7 +152,8 @@ def test_a_value_outside_its_choices_is_refused_naming_the_key_and_the_choices(o
 
 @pytest.mark.parametrize("override", [
     "features.backend=shared_dir", "features.backend=mooncake", "features.release=retain",
-    "features.dtype=float32", "features.mooncake.protocol=rdma", "capture.device=cpu", "capture.device=cuda:3",
+    "features.dtype=float32", "features.dtype=float8_e4m3fn", "features.mooncake.protocol=rdma", "capture.device=cpu",
+    "capture.device=cuda:3",
     "capture.dtype=float16", "train.device=cuda", "train.recompute=never", "train.compile=false"])
 def test_every_choice_is_accepted(override):
     load_config([TINY], [override])

@@ -10,12 +10,14 @@ import torch
 
 from draftflow.cli import main
 from draftflow.config import load_config
+from draftflow.features_codec import decode_features
 from draftflow.ingest import read_feature_file
 from draftflow.roles import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
 ENV = {"DRAFTFLOW_SECRET": "ingest-secret"}
+FP8 = torch.float8_e4m3fn
 
 
 def specforge_files(folder: Path, n: int = 6, hidden: int = 64) -> None:
@@ -58,6 +60,21 @@ def test_draftflow_sample_files_round_trip_through_ingest(tmp_path):
     a = read_feature_file(tmp_path / "store" / "samples" / "s000001.safetensors", torch.bfloat16)
     b = read_feature_file(tmp_path / "b" / "store" / "samples" / "s000001.safetensors", torch.bfloat16)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp8_stores_ingest_from_and_into_other_dtypes(tmp_path):
+    """SpecForge float32 -> an FP8 store (scaled on the way in) -> a bf16 store (decoded)."""
+    specforge_files(tmp_path / "sf", n=2)
+    run_ingest(cfg_for(tmp_path / "fp8", "features.dtype=float8_e4m3fn"), tmp_path / "sf", environ=ENV)
+    stored = read_feature_file(tmp_path / "fp8" / "store" / "samples" / "s000001.safetensors", FP8)
+    assert stored["aux_hidden"].dtype == FP8 and stored["aux_hidden_scale"].shape == (21, 3)
+    run_ingest(cfg_for(tmp_path / "bf16"), tmp_path / "fp8" / "store" / "samples", environ=ENV)
+    back = read_feature_file(tmp_path / "bf16" / "store" / "samples" / "s000001.safetensors", torch.bfloat16)
+    assert sorted(back) == ["aux_hidden", "input_ids", "last_hidden", "loss_mask"]
+    expected = decode_features(stored, torch.float32)
+    assert torch.equal(back["aux_hidden"], expected["aux_hidden"].to(torch.bfloat16))
+    original = torch.load(tmp_path / "sf" / "data_1.ckpt")["aux_hidden_state"][0]
+    assert (back["aux_hidden"].float() - original).norm() / original.norm() < 0.04
 
 
 class Evil:

@@ -180,3 +180,11 @@ def test_online_run_that_does_not_fit_the_card_names_its_need_and_the_modes_to_u
     with pytest.raises(ValueError, match=r"(?s)target's weights take 15\.0 GiB.*of cuda:0's 24\.0 GiB.*"
                                          r"features\.backend local.*disaggregated"):
         check_online_fits(need, torch.device("cuda:0"), card_bytes=24 << 30)
+
+
+def test_online_fp8_features_train_the_offline_fp8_draft_bit_for_bit(tmp_path):
+    """features.dtype float8_e4m3fn: online scales each sample as offline capture stores it."""
+    extra = ("features.dtype=float8_e4m3fn", "data.max_samples=12", "train.max_steps=4")
+    finish(train(tmp_path, "offline", *extra))
+    finish(train(tmp_path, "online", *extra, "features.backend=memory"))
+    assert_same_weights(weights(tmp_path / "online"), weights(tmp_path / "offline"))

@@ -113,7 +113,7 @@ def _timed(fn):
 
 # ------------------------------------------------------------ phases
 
-def _measure_writes(store, raw_dir: Path, sample: dict, raw_buf: memoryview, num_samples: int):
+def measure_writes(store, raw_dir: Path, sample: dict, raw_buf: memoryview, num_samples: int):
     """Put and raw-write every sample, alternating; returns refs and per-sample seconds."""
     refs, put_s, raw_s = [], [], []
     for i in range(num_samples):
@@ -131,7 +131,7 @@ def _measure_writes(store, raw_dir: Path, sample: dict, raw_buf: memoryview, num
     return refs, put_s, raw_s
 
 
-def _measure_reads(store, refs, raw_paths: list[Path], out: memoryview):
+def measure_reads(store, refs, raw_paths: list[Path], out: memoryview):
     """Get and raw-read every sample, alternating; returns per-sample seconds of each."""
     get_s, raw_s = [], []
     for i, ref in enumerate(refs):
@@ -250,7 +250,7 @@ def machine_info(root: Path) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def _side(store_s: list[float], raw_s: list[float], store_bytes: int, raw_bytes: int, target: float) -> dict:
+def compare_to_raw(store_s: list[float], raw_s: list[float], store_bytes: int, raw_bytes: int, target: float) -> dict:
     store_gbps, raw_gbps = store_bytes / sum(store_s) / 1e9, raw_bytes / sum(raw_s) / 1e9
     return {"store_gbps": store_gbps, "raw_gbps": raw_gbps, "ratio": store_gbps / raw_gbps,
             "target": target, "met": store_gbps / raw_gbps >= target,
@@ -293,17 +293,17 @@ def _run(work: Path, num_samples: int, seq_len: int, hidden: int, step_s: float 
     raw_write(raw_dir / "warmup", raw_buf)
     out = memoryview(torch.zeros(file_bytes, dtype=torch.uint8).numpy())  # preallocated, pages touched
 
-    refs, put_s, raw_w_s = _measure_writes(store, raw_dir, sample, raw_buf, num_samples)
+    refs, put_s, raw_w_s = measure_writes(store, raw_dir, sample, raw_buf, num_samples)
     raw_paths = [raw_dir / f"r{i:05d}" for i in range(num_samples)]
     store_bytes = sum(store.path_of(r.sample_id).stat().st_size for r in refs)
     raw_bytes = sum(p.stat().st_size for p in raw_paths)
-    write = _side(put_s, raw_w_s, store_bytes, raw_bytes, TARGETS["write_vs_raw"])
+    write = compare_to_raw(put_s, raw_w_s, store_bytes, raw_bytes, TARGETS["write_vs_raw"])
 
-    cold_get_s, cold_raw_s = _measure_reads(store, refs, raw_paths, out)
-    read_cold = _side(cold_get_s, cold_raw_s, store_bytes, raw_bytes, TARGETS["read_vs_raw"])
-    _measure_reads(store, refs, raw_paths, out)  # untimed pass: every file is in the page cache
-    warm_get_s, warm_raw_s = _measure_reads(store, refs, raw_paths, out)
-    read_warm = _side(warm_get_s, warm_raw_s, store_bytes, raw_bytes, TARGETS["read_vs_raw"])
+    cold_get_s, cold_raw_s = measure_reads(store, refs, raw_paths, out)
+    read_cold = compare_to_raw(cold_get_s, cold_raw_s, store_bytes, raw_bytes, TARGETS["read_vs_raw"])
+    measure_reads(store, refs, raw_paths, out)  # untimed pass: every file is in the page cache
+    warm_get_s, warm_raw_s = measure_reads(store, refs, raw_paths, out)
+    read_warm = compare_to_raw(warm_get_s, warm_raw_s, store_bytes, raw_bytes, TARGETS["read_vs_raw"])
 
     profile = _profile(store, refs, sample, raw_paths[0], file_bytes)
     if step_s is None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from draftflow.capture.target import LoadedTarget, validate_aux_layer_ids
 from draftflow.config import DEVICES, FLOAT_DTYPES
+from draftflow.features_codec import encode_features, is_scaled
 from draftflow.records import SampleRef
 
 _DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}
@@ -87,6 +88,7 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
                              f"tokens, the prepared sample has {item.num_tokens} (store filled from other data?)")
         refs[item.index] = ref
     batches = [b for b in pack_batches(items, capture_cfg.batch_tokens) if any(i.index not in refs for i in b)]
+    batch_dtype, encode_as = _feature_dtypes(target.model, feature_dtype)
     bar = tqdm(total=sum(i.num_tokens for b in batches for i in b), unit="tok", unit_scale=True,
                desc="capture", disable=not progress)
     with bar, _FeatureHooks(target.model, aux_layer_ids) as hooks, ThreadPoolExecutor(1) as writer:
@@ -99,9 +101,9 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
                 hooks.take()
                 bar.update(sum(i.num_tokens for i in batch))
                 continue
-            features = _run_batch(target.model, hooks, batch, feature_dtype)
+            features = _run_batch(target.model, hooks, batch, batch_dtype)
             missing = [(i, f) for i, f in zip(batch, features) if i.index not in refs]
-            writes.append(writer.submit(_publish, store, missing))
+            writes.append(writer.submit(_publish, store, missing, encode_as))
             bar.update(sum(i.num_tokens for i in batch))
             if len(writes) > 1:
                 refs.update(writes.popleft().result())
@@ -110,7 +112,19 @@ def capture_features(target: LoadedTarget, aux_layer_ids: Sequence[int], samples
     return [refs[i] for i in sorted(refs)]
 
 
-def _publish(store, items_features: list[tuple[_Item, dict]]) -> dict[int, SampleRef]:
+def _feature_dtypes(model, feature_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype features leave the forward in, dtype the writer encodes them to or None).
+    FP8 needs scales: features leave the forward in the target's own precision and the
+    writer thread scales them, per sample, while the target runs the next batch."""
+    if is_scaled(feature_dtype):
+        return next(model.parameters()).dtype, feature_dtype
+    return feature_dtype, None
+
+
+def _publish(store, items_features: list[tuple[_Item, dict]], encode_as: torch.dtype | None = None
+             ) -> dict[int, SampleRef]:
+    if encode_as is not None:
+        items_features = [(item, encode_features(f, encode_as)) for item, f in items_features]
     return {item.index: store.put(item.sample_id, item.index, f) for item, f in items_features}
 
 

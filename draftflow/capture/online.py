@@ -26,8 +26,10 @@ from typing import Sequence
 
 import torch
 
-from draftflow.capture.capture import (_check_unique, _FeatureHooks, _Item, _run_batch, _to_item, padded_lengths)
+from draftflow.capture.capture import (_check_unique, _feature_dtypes, _FeatureHooks, _Item, _run_batch, _to_item,
+                                       padded_lengths)
 from draftflow.capture.target import LoadedTarget, validate_aux_layer_ids
+from draftflow.features_codec import encode_features
 from draftflow.records import SampleRef
 from draftflow.stores.base import StoreError
 
@@ -137,7 +139,10 @@ class CapturingSource:
         """One forward; each sample put once per time the step trains it (a step that
         spans an epoch boundary of a small data set may hold a sample twice)."""
         t0 = time.perf_counter()
-        features = _run_batch(self.target.model, hooks, batch, self.feature_dtype, pad_to=pad_to, to_host=False)
+        batch_dtype, encode_as = _feature_dtypes(self.target.model, self.feature_dtype)
+        features = _run_batch(self.target.model, hooks, batch, batch_dtype, pad_to=pad_to, to_host=False)
+        if encode_as is not None:  # FP8: scaled per sample, as offline capture stores them
+            features = [encode_features(f, encode_as) for f in features]
         for item, f in zip(batch, features):
             for _ in range(copies[item.index]):
                 if self.store.lookup(item.sample_id, item.index) is None:

@@ -25,6 +25,8 @@ from draftflow.stores.base import StoreError, tensor_bytes
 _DTYPE_TO_ST = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
                 torch.int32: "I32", torch.int64: "I64", torch.float16: "F16",
                 torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+if hasattr(torch, "float8_e4m3fn"):  # FP8 features (features.dtype); torch >= 2.1
+    _DTYPE_TO_ST[torch.float8_e4m3fn] = "F8_E4M3"
 _ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
 
 

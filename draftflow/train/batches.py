@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from draftflow.features_codec import decode_features
 from draftflow.records import SampleRef
 
 
@@ -196,7 +197,7 @@ class FeatureLoader:
             try:
                 # collate copies into fresh padded tensors, so leases can go at once
                 # (a Mooncake lease's buffer slot is reused after release).
-                batches.append(collate([dict(l.tensors) for l in leases], [l.ref.sample_id for l in leases],
+                batches.append(collate([self._decoded(l) for l in leases], [l.ref.sample_id for l in leases],
                                        self.pin_memory))
             finally:
                 for lease in leases:
@@ -204,6 +205,13 @@ class FeatureLoader:
             if self.ended or pending:
                 break
         return batches, pending
+
+    def _decoded(self, lease) -> dict[str, torch.Tensor]:
+        """A lease's tensors with FP8 features decoded (features_codec): to bfloat16 for
+        pinned batches, which go to a GPU where the draft computes in bfloat16, to
+        float32 on a CPU, where it computes in float32."""
+        dtype = torch.bfloat16 if self.pin_memory else torch.float32
+        return decode_features(lease.tensors, dtype, f"sample {lease.ref.sample_id!r} ({lease.ref.uri})")
 
     def _run(self, start: int, end: int) -> None:
         try:
