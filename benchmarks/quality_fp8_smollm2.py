@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from draftflow.config import load_config, replace  # noqa: E402
 from draftflow.demo import demo_config_path  # noqa: E402
-from draftflow.evaluate import evaluate_drafts, format_results, write_json  # noqa: E402
+from draftflow.evaluate import evaluate_drafts, summary_lines, write_json  # noqa: E402
 from draftflow.roles import run_colocated  # noqa: E402
 from draftflow.train.metrics import read_metrics  # noqa: E402
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
               "machine": machine, "wall_s": wall, "store": sizes, "results": results,
               "training_curves": {d: read_metrics(runs[d].output_dir / "metrics.jsonl") for d in DTYPES}}
     path = write_json(report, Path(args.out) / "quality_fp8_smollm2.json")
-    print(format_results(results))
+    print("\n".join(summary_lines(results)))
     for dtype in DTYPES:
         final = report["training_curves"][dtype][-1]
         print(f"{dtype}: store {sizes[dtype]['store_bytes'] / 2**20:.1f} MiB for {sizes[dtype]['num_tokens']} "

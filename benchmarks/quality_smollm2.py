@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from draftflow.config import load_config, replace  # noqa: E402
 from draftflow.data.regenerate import regenerate  # noqa: E402
-from draftflow.evaluate import export_initial_draft, evaluate_drafts, format_results, write_json  # noqa: E402
+from draftflow.evaluate import export_initial_draft, evaluate_drafts, summary_lines, write_json  # noqa: E402
 from draftflow.roles import run_colocated  # noqa: E402
 from draftflow.train.metrics import read_metrics  # noqa: E402
 
@@ -141,7 +141,7 @@ def publish(report: dict, path: Path, wall: str) -> int:
     """Write `report` as JSON, print its results table; exit status 0 when every
     evaluated draft was lossless."""
     path = write_json(report, path)
-    print(format_results(report["results"]))
+    print("\n".join(summary_lines(report["results"])))
     print(f"{wall}; report: {path}")
     return 0 if all(r["lossless"] for r in report["results"].values()) else 1
 
