@@ -46,7 +46,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# As the `draftflow` command does (cli.main): long steps need the allocator's expandable
+# segments, or 128k runs out of memory in fragmented blocks (docs/benchmarks.md).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_gpu import (LLAMA31_8B, SMALL, TTT_STEPS, bench_seq, build, draft_config,  # noqa: E402

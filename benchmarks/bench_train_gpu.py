@@ -26,7 +26,11 @@ import os
 import time
 from pathlib import Path
 
-import torch
+# As the `draftflow` command does (cli.main): long steps need the allocator's expandable
+# segments, or 128k runs out of memory in fragmented blocks (docs/benchmarks.md).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 from draftflow.config import COMPILE_CHOICES, TrainConfig, compile_option
 from draftflow.train.batches import collate

@@ -78,9 +78,11 @@ def cmd_capture(args) -> int:
     from draftflow.capture.target import load_target, resolve_aux_layer_ids
     import os
 
-    from draftflow.roles import build_provenance, open_colocated_store, plan_data, produce, target_hf_config
+    from draftflow.roles import (build_provenance, open_colocated_store, plan_data, produce, refuse_memory_backend,
+                                 target_hf_config)
 
     cfg = _config(args)
+    refuse_memory_backend(cfg, "draftflow capture")
     hf_config = target_hf_config(cfg)
     plan = plan_data(cfg, hf_config.vocab_size)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
@@ -131,6 +133,9 @@ def cmd_store(args) -> int:
     if args.action == "serve":
         return cmd_store_serve(args)
     cfg = _config(args)
+    from draftflow.roles import refuse_memory_backend
+
+    refuse_memory_backend(cfg, f"draftflow store {args.action}")
     root = Path(cfg.features.root)
     if args.action == "gc" and cfg.features.backend == "mooncake" and "all" in (args.what or []):
         from draftflow.control.binding import open_store_record

@@ -273,7 +273,8 @@ def run_online(cfg: Config, stop_after: int | None = None) -> RunResult:
         check_online_fits(online_memory_need(hf_config, dtype, model_cfg), device)
     target = load_target(cfg.target, device, dtype, capture_plan)
     store = build_store(cfg.features, RunKeys(secrets.token_bytes(32), "memory"))
-    source = CapturingSource(target, aux_ids, plan.prepared.train, store, cfg.capture, feature_dtype(cfg))
+    source = CapturingSource(target, aux_ids, plan.prepared.train, store, cfg.capture, feature_dtype(cfg),
+                             num_shards=capture_plan.num_groups)
     try:
         return train_from_refs(cfg, load_target_weights(cfg.target), aux_ids, plan.draft_ids, store, source,
                                provenance, None, release="online", stop_after=stop_after)
@@ -422,6 +423,7 @@ def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:
     with the same signed manifest a producer writes."""
     from draftflow.ingest import IngestedSample, list_feature_files, read_feature_file
 
+    refuse_memory_backend(cfg, "draftflow ingest")
     secret = load_secret(cfg.features, environ)
     hf_config = target_hf_config(cfg)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
@@ -494,6 +496,15 @@ def run_consumer(cfg: Config, environ=os.environ, stop_after: int | None = None)
                                reader.header.run_id, release=release, stop_after=stop_after)
     finally:
         store.close()
+
+
+def refuse_memory_backend(cfg: Config, what: str) -> None:
+    """Commands that keep features for later cannot use the memory store, which holds
+    an online run's features only while that run trains."""
+    if cfg.features.backend == "memory":
+        raise ValueError(f"{what} keeps features in a store, and features.backend memory holds them only inside an "
+                         "online training job; use local, shared_dir or mooncake (or train online with "
+                         "`draftflow train --role colocated`)")
 
 
 def require_shared_backend(cfg: Config, role: str) -> None:

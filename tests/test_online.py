@@ -158,12 +158,16 @@ def test_online_capture_failure_reaches_the_trainer(tmp_path):
     source.close()
 
 
-def test_memory_backend_is_refused_for_disaggregated_roles_and_tp(tmp_path):
+def test_memory_backend_is_refused_for_disaggregated_roles_commands_that_keep_features_and_tp(tmp_path):
     base = [f"train.output_dir={tmp_path / 'run'}", "features.backend=memory", "train.max_steps=1"]
     for role in ("producer", "consumer"):
         proc = draftflow("train", "-c", TINY, "--role", role, *base)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0 and "lives inside one job" in err and "--role colocated" in err
+    for command in (["capture"], ["store", "ls"], ["ingest", "--from", str(tmp_path)]):
+        proc = draftflow(*command, "-c", TINY, *base[:2])
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "features.backend memory holds them only inside an online" in err, err
     with pytest.raises(ValueError, match="capture.parallel: tp is not available online"):
         run_colocated(load_config([TINY], [*base, "capture.parallel=tp"]))
 
@@ -188,3 +192,21 @@ def test_online_fp8_features_train_the_offline_fp8_draft_bit_for_bit(tmp_path):
     finish(train(tmp_path, "offline", *extra))
     finish(train(tmp_path, "online", *extra, "features.backend=memory"))
     assert_same_weights(weights(tmp_path / "online"), weights(tmp_path / "offline"))
+
+
+def test_two_rank_online_run_trains_the_two_rank_offline_draft_bit_for_bit(tmp_path):
+    """Under torchrun each rank captures the samples of its own shard of every step."""
+    def torchrun(name: str, *extra: str, port: int) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "draftflow", "train", "-c", TINY, f"features.root={tmp_path / 'feat'}",
+               f"train.output_dir={tmp_path / name}", "data.max_samples=16", "train.max_steps=6",
+               "train.batch_size=2", "train.progress=false", "train.tensorboard=false", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun("offline", port=29561)
+    torchrun("online", "features.backend=memory", port=29562)
+    assert_same_weights(weights(tmp_path / "online"), weights(tmp_path / "offline"))
+    for rank in range(2):  # each rank trained the same samples at the same steps
+        assert ((tmp_path / "online" / f"samples.rank{rank}.jsonl").read_text()
+                == (tmp_path / "offline" / f"samples.rank{rank}.jsonl").read_text())

@@ -8,8 +8,9 @@ the in-memory store (`stores/memory.py`). The trainer, the loader and the loss a
 offline code: only where the features come from differs.
 
 Same features as offline: each sample is padded to the length an offline capture of
-the same samples pads it to (`padded_lengths`), so on CPU an online run trains
-bit-identically to an offline colocated run of the same config.
+the same samples by the same job pads it to (`padded_lengths` over each rank's shard),
+so on CPU an online run trains bit-identically to an offline colocated run of the same
+config and number of ranks.
 
 Bounded: the thread captures at most `ahead_steps` steps that the loader has not yet
 asked for, and a put waits while the store holds `features.max_inflight_bytes`; the
@@ -45,7 +46,7 @@ class CapturingSource:
     capturing from a step of an order; `resolve` blocks until a sample is captured."""
 
     def __init__(self, target: LoadedTarget, aux_layer_ids: Sequence[int], samples, store, capture_cfg,
-                 feature_dtype: torch.dtype, ahead_steps: int = AHEAD_STEPS):
+                 feature_dtype: torch.dtype, num_shards: int = 1, ahead_steps: int = AHEAD_STEPS):
         if capture_cfg.batch_tokens <= 0:
             raise ValueError(f"capture.batch_tokens: expected a positive token budget, got {capture_cfg.batch_tokens}")
         self.target, self.store, self.feature_dtype = target, store, feature_dtype
@@ -56,7 +57,10 @@ class CapturingSource:
         if sorted(self.items) != list(range(len(items))):
             raise ValueError("online capture: sample indices must be 0..N-1")
         self.batch_tokens = capture_cfg.batch_tokens
-        self.pad_to = padded_lengths(items, capture_cfg.batch_tokens)
+        # An offline job of num_shards capture groups packs each group's shard on its own
+        # (`CapturePlan.shard`): pad as that packing does.
+        self.pad_to = {i: n for g in range(num_shards)
+                       for i, n in padded_lengths(items[g::num_shards], capture_cfg.batch_tokens).items()}
         self.num_samples = len(items)
         self.num_tokens = sum(i.num_tokens for i in items)
         self.ahead_steps = ahead_steps
