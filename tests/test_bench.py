@@ -224,3 +224,13 @@ def test_fp8_benchmark_halves_bytes_per_token_and_reports_every_rate(tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # its files are removed
     print_fp8(result)
     assert "float8_e4m3fn" in capsys.readouterr().out
+
+
+def test_prefix_sharing_counts_the_tokens_a_prefix_trie_keeps():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from prefix_sharing import prefix_sharing
+
+    r = prefix_sharing([[1, 2, 3, 4], [1, 2, 9], [1, 2, 3, 4], [7]])
+    # trie: 1-2-3-4, 2-9 branch (1 more), the duplicate adds nothing, 7: 6 tokens of 12
+    assert (r["tokens"], r["tokens_kept_with_sharing"], r["longest_shared_prefix"]) == (12, 6, 4)
+    assert r["share_saved"] == 0.5
