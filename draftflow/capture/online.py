@@ -19,6 +19,7 @@ loader frees each sample once it is in a batch. Memory is the ring, not the data
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -33,6 +34,8 @@ from draftflow.capture.target import LoadedTarget, validate_aux_layer_ids
 from draftflow.features_codec import encode_features
 from draftflow.records import SampleRef
 from draftflow.stores.base import StoreError
+
+log = logging.getLogger("draftflow.capture")
 
 AHEAD_STEPS = 2  # steps captured before the loader asks for them: one in training's shadow, one spare
 
@@ -66,6 +69,7 @@ class CapturingSource:
         self.ahead_steps = ahead_steps
         self._ready: dict[int, deque[SampleRef]] = defaultdict(deque)
         self._unresolved = 0  # captured, not yet asked for
+        self.most_unresolved = 0  # the ring's high-water mark (tests, benchmarks)
         self._waiting = 0  # loader calls blocked in `resolve`
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -88,6 +92,8 @@ class CapturingSource:
                 if self._error is not None:
                     raise StoreError(f"online capture failed: {type(self._error).__name__}: {self._error}") \
                         from self._error
+                if self._stop:
+                    raise CaptureStopped(f"online capture closed while sample index {index} was awaited")
                 if self._thread is None or not self._thread.is_alive():
                     raise StoreError(f"online capture: sample index {index} was asked for but is not in the "
                                      "capture window (the loader and the capture thread disagree on the order)")
@@ -108,14 +114,20 @@ class CapturingSource:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self._error is not None:  # raised to the loader if it asked for a sample after it
+            log.warning("online capture ended with %s: %s", type(self._error).__name__, self._error)
 
     # ---- the capture thread
     def _run(self, order, start_step: int, end_step: int) -> None:
         per_step = order.batch_size * order.grad_accum
+        device = next(self.target.model.parameters()).device
         try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # this thread's own CUDA calls go to its rank's GPU
             with _FeatureHooks(self.target.model, self.aux_layer_ids) as hooks:
                 for step in range(start_step, end_step):
-                    self._wait_until(lambda: self._unresolved < self.ahead_steps * per_step)
+                    # a whole step more only while at most ahead_steps - 1 are waiting
+                    self._wait_until(lambda: self._unresolved <= (self.ahead_steps - 1) * per_step)
                     indices = [i for micro in order.micro_batches(step) for i in micro]
                     for batch, pad_to in self.forwards(indices):
                         self._capture(hooks, batch, pad_to, Counter(indices))
@@ -162,6 +174,7 @@ class CapturingSource:
                 with self._cond:
                     self._ready[item.index].append(ref)
                     self._unresolved += 1
+                    self.most_unresolved = max(self.most_unresolved, self._unresolved)
                     self._cond.notify_all()
         self.capture_s += time.perf_counter() - t0
 

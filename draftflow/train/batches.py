@@ -229,8 +229,8 @@ class FeatureLoader:
                 if not self._put((step, batches)) or not batches:
                     return
                 step += 1
-        except BaseException as e:  # surface loader failures in the training thread
-            self.queue.put((None, e))
+        except BaseException as e:  # surface loader failures in the training thread (unless closed)
+            self._put((None, e))
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():

@@ -108,8 +108,10 @@ class OnlineStream(SeededStream):
         super()._open_loader(start, end, check_ref)
 
     def close(self, failed: bool = False) -> None:
-        super().close(failed)
-        self.source.close()
+        try:
+            super().close(failed)
+        finally:
+            self.source.close()
 
 
 class ConsumeOnceStream(SeededStream):
