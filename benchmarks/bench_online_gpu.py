@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_capture_gpu import bench_config, random_target  # noqa: E402
+from bench_capture_gpu import _sync, bench_config, random_target  # noqa: E402
 
 from draftflow.capture.online import CapturingSource  # noqa: E402
 from draftflow.capture.target import resolve_aux_layer_ids  # noqa: E402
@@ -53,11 +53,6 @@ from draftflow.train.loss import Teacher  # noqa: E402
 from draftflow.train.parallel import TrainState  # noqa: E402
 from draftflow.train.stream import BatchShape, OnlineStream  # noqa: E402
 from draftflow.train.trainer import TargetWeights, build_draft  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _phase(device: torch.device):

@@ -52,7 +52,9 @@ class CapturingSource:
                  feature_dtype: torch.dtype, num_shards: int = 1, ahead_steps: int = AHEAD_STEPS):
         if capture_cfg.batch_tokens <= 0:
             raise ValueError(f"capture.batch_tokens: expected a positive token budget, got {capture_cfg.batch_tokens}")
-        self.target, self.store, self.feature_dtype = target, store, feature_dtype
+        self.target, self.store = target, store
+        # the dtype features leave the forward in, and the FP8 dtype they are then encoded to (or None)
+        self.batch_dtype, self.encode_as = _feature_dtypes(target.model, feature_dtype)
         self.aux_layer_ids = validate_aux_layer_ids(aux_layer_ids, len(target.model.model.layers))
         items = [_to_item(s) for s in samples]
         _check_unique(items)
@@ -155,10 +157,9 @@ class CapturingSource:
         """One forward; each sample put once per time the step trains it (a step that
         spans an epoch boundary of a small data set may hold a sample twice)."""
         t0 = time.perf_counter()
-        batch_dtype, encode_as = _feature_dtypes(self.target.model, self.feature_dtype)
-        features = _run_batch(self.target.model, hooks, batch, batch_dtype, pad_to=pad_to, to_host=False)
-        if encode_as is not None:  # FP8: scaled per sample, as offline capture stores them
-            features = [encode_features(f, encode_as) for f in features]
+        features = _run_batch(self.target.model, hooks, batch, self.batch_dtype, pad_to=pad_to, to_host=False)
+        if self.encode_as is not None:  # FP8: scaled per sample, as offline capture stores them
+            features = [encode_features(f, self.encode_as) for f in features]
         for item, f in zip(batch, features):
             for _ in range(copies[item.index]):
                 if self.store.lookup(item.sample_id, item.index) is None:
