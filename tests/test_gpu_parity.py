@@ -1,12 +1,13 @@
 """GPU parity (issue 18): a producer and a consumer, separate processes, against the
 colocated run of the same config, on one GPU in turn.
 
-A random target of `PARITY_TARGET`'s shape (built on the CPU from target.seed in each
-process, captured in bf16 on the GPU), 64 steps of
-training through FSDP2 with the defaults (compile, recompute auto): per-step loss and
-acc_k must agree to 5 significant figures, and the final weights are compared (their
-largest difference is printed; flash attention's backward accumulates with atomics,
-so bit-identity is not expected). Skipped without CUDA.
+A random target of `PARITY_TARGET`'s shape, built once on the CPU from target.seed and
+saved as a bf16 safetensors folder that all three runs load as `target.path` (an
+8B-shaped target takes minutes to build; building it in each process would not fit one
+call), captured in bf16 on the GPU; 64 steps of training through FSDP2 with the
+defaults (compile, recompute auto): per-step loss and acc_k must agree to 5 significant
+figures, and the final weights are compared (the largest difference and whether they are
+bit-identical are printed, and written to $PARITY_JSON when set). Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,19 @@ PARITY_TARGET = json.loads(os.environ.get("PARITY_TARGET", "null")) or {
 STEPS = 64
 
 
+def _target_folder(tmp: Path) -> Path:
+    """The random target of PARITY_TARGET's shape, built once and saved in bf16."""
+    from draftflow.capture.target import build_random_model
+    from draftflow.config import load_config
+
+    cfg = load_config([TINY], [f"target.random.{k}={v}" for k, v in PARITY_TARGET.items()])
+    folder = tmp / "target"
+    build_random_model(cfg.target).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 def _run(tmp: Path, role: str, *extra: str) -> subprocess.Popen:
-    target = [f"target.random.{k}={v}" for k, v in PARITY_TARGET.items()]
+    target = ["target.random=null", f"target.path={tmp / 'target'}"]
     cmd = [sys.executable, "-m", "draftflow", "train", "-c", str(TINY), "--role", role, *target,
            "capture.device=cuda", "train.device=cuda", "data.max_samples=64", "data.max_length=384",
            f"train.max_steps={STEPS}", "train.batch_size=2", "train.log_every=1", "train.progress=false",
@@ -57,6 +70,9 @@ def _significant_digits(a: float, b: float) -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_producer_and_consumer_match_the_colocated_run_on_gpu(tmp_path):
+    t0 = time.perf_counter()
+    _target_folder(tmp_path)
+    built_s = time.perf_counter() - t0
     _finish(_run(tmp_path, "colocated", f"features.root={tmp_path / 'colo-feat'}",
                  f"train.output_dir={tmp_path / 'colo'}"))
     shared = ["features.backend=shared_dir", f"features.root={tmp_path / 'feat'}"]
@@ -71,7 +87,8 @@ def test_producer_and_consumer_match_the_colocated_run_on_gpu(tmp_path):
     max_abs = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
     report = {"steps": STEPS, "target": PARITY_TARGET,
               "worst_significant_digits": worst, "final_weights_max_abs_diff": max_abs,
-              "bit_identical": all(torch.equal(wa[k], wb[k]) for k in wa), "device": torch.cuda.get_device_name(0)}
+              "bit_identical": all(torch.equal(wa[k], wb[k]) for k in wa), "device": torch.cuda.get_device_name(0),
+              "target_build_s": round(built_s, 1), "wall_s": round(time.perf_counter() - t0, 1)}
     print("GPU parity:", json.dumps(report))
     out = os.environ.get("PARITY_JSON")
     if out:

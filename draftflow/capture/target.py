@@ -197,18 +197,6 @@ def random_target_folder(target_cfg) -> Path:
     same folder and weights on every rank and host."""
     final = Path(target_cfg.cache_dir).expanduser() / "random" / random_identity(target_cfg).replace(":", "-")
     return _build_folder_once(final, lambda tmp: build_random_model(target_cfg).save_pretrained(tmp))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_random_model(target_cfg).save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise  # another rank published the same folder first otherwise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def resolve_target_folder(target_cfg) -> Path:
