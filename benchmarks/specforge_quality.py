@@ -26,7 +26,7 @@ below); the target's embedding loaded and frozen; `OnlineEagle3Model` with TTT 7
 lm_head over the stored final hidden state; `BF16Optimizer` (AdamW over float32
 masters, clipping, warmup + cosine over the run's steps); each micro-batch's loss
 divided by the accumulation steps before backward (`TrainerCore.train_step`). Its
-FSDP wrapper is left out: on one GPU it shards nothing. `RECIPE` lists every value
+FSDP wrapper is left out: on one GPU it shards nothing. `recipe()` lists every value
 with where it came from; the JSON repeats it.
 
 The TargetHead and the embedding load from a model folder, so `<out>/target_head`
