@@ -326,6 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "when it exists)")
     p.add_argument("--cpu-smoke", action="store_true", help="no training (Triton): data, vocab, draft, save, "
                    "load and evaluate a random-initialised SpecForge draft")
+    p.add_argument("--skip-eval", action="store_true", help="train and save only; evaluate later with "
+                   "`draftflow evaluate --draft OUT/specforge_draft`")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="DraftFlow config overrides")
     return p.parse_args(argv)
 
@@ -387,6 +389,10 @@ def main(argv=None) -> int:
         store.close()
     draft_dir = save_specforge_draft(draft, out / "specforge_draft")
     load_exported_draft(draft_dir, weights.embed_weight, aux_ids)  # refuses a draft the evaluator cannot read
+    if args.skip_eval:
+        path = write_json(result, out / "specforge_quality.json")
+        print(f"draft: {draft_dir}\nreport: {path}")
+        return 0
     drafts = {"specforge": draft_dir}
     ours = Path(args.draftflow_draft) if args.draftflow_draft else Path(cfg.train.output_dir) / "final"
     if ours.is_dir():
