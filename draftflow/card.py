@@ -4,7 +4,8 @@ It says what the draft was trained for and on, so that a draft is never evaluate
 served against the wrong target by accident: the target's identity and config hash,
 the tokenizer's and chat template's hashes, the trained layers in both conventions
 (outputs of layers, as DraftFlow captures them, and inputs to layers) with what
-config.json writes for each engine, the data hash, the DraftFlow version, the
+config.json writes for each engine, whether each engine serves a draft of the
+target's family as trained (`serving`, from `families.py`), the data hash, the DraftFlow version, the
 final-step metrics, and every evaluation run on it since (`record_evaluation`).
 
 `draftflow evaluate` checks the card against the target it is given (`check_card`)
@@ -69,7 +70,10 @@ def build_card(meta: dict, final_metrics: dict | None) -> dict:
 
 
 def finish_card(card: dict, config: dict) -> dict:
-    """Add what config.json writes for each engine (export calls this)."""
+    """Add what config.json writes for each engine, and whether each engine serves a
+    draft of this target family as trained (`families.py`); export calls this."""
+    from draftflow.families import engine_support
+
     trained = card["layers"]["trained_outputs"]
     card = {**card, "layers": {
         "trained_outputs": trained,
@@ -79,7 +83,8 @@ def finish_card(card: dict, config: dict) -> dict:
                      "value": config["eagle_aux_hidden_state_layer_ids"]},
             "sglang": {"key": "eagle_config.eagle_aux_hidden_state_layer_ids",
                        "value": config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]},
-        }}}
+        }},
+        "serving": engine_support((card.get("target") or {}).get("model_type"))}
     return card
 
 

@@ -10,11 +10,11 @@ The engines read the config's ids differently (docs/serving.md has the table):
 - vLLM (0.32) reads the top-level `eagle_aux_hidden_state_layer_ids` first (else
   `eagle_config`'s) as the hidden state ENTERING layer k, i.e. the output of layer
   k-1; so the top-level key gets the trained ids plus one.
-- SGLang (0.5.23) reads only `eagle_config.eagle_aux_hidden_state_layer_ids`. Most
-  families (Llama, Qwen2/3, Gemma3, Mistral, gpt-oss, ...) take id k as the output of
-  layer k. DeepSeek-V2/V3 and GLM-4-MoE-Lite take the ids as outputs only when the
-  first is 1, and as layer inputs otherwise; for them a first trained layer of 0
-  cannot be expressed (`serving_layer_warnings` says so when the run is configured).
+- SGLang (0.5.23) reads only `eagle_config.eagle_aux_hidden_state_layer_ids`: as layer
+  outputs for most families, with a first-id rule for some (`families.py`).
+
+Which engine serves which target family at all, and what it feeds the draft, is in
+`families.py`; the card's `serving` section records it for the exported draft.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from draftflow.families import SGLANG_FIRST_ID_FAMILIES
 from draftflow.train import checkpoint as ckpt
 from draftflow.train.model import DraftModelConfig
 
@@ -40,10 +41,6 @@ EXPORT_NAMES = (
     "norm.weight", "lm_head.weight", "d2t", "t2d",
 )
 INPUT_NORM = "input_norm.weight"  # EAGLE-3.1 norm_before_fc; both engines load it under this name
-
-# SGLang model types whose aux ids mean layer outputs only when the first id is 1
-# (sglang/srt/models/deepseek_v2.py, glm4_moe_lite.py in 0.5.23); inputs otherwise.
-SGLANG_FIRST_ID_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite"})
 
 
 def export_names(cfg: DraftModelConfig) -> tuple[str, ...]:
@@ -62,16 +59,6 @@ def sglang_layer_ids(aux_layer_ids, target_model_type: str | None) -> list[int]:
     if target_model_type in SGLANG_FIRST_ID_FAMILIES and ids[0] != 1:
         return [i + 1 for i in ids]  # read as layer inputs: the input of layer i+1 is the output of i
     return ids
-
-
-def serving_layer_warnings(aux_layer_ids, target_model_type: str | None) -> list[str]:
-    """Layer choices an engine cannot be told unambiguously, with what to do."""
-    ids = [int(i) for i in aux_layer_ids]
-    if target_model_type in SGLANG_FIRST_ID_FAMILIES and ids[0] == 0:
-        return [f"target.aux_layer_ids={ids}: SGLang reads a {target_model_type} draft's first id 1 as "
-                "'output of layer 1', so the output of layer 0 cannot be expressed for it (vLLM is "
-                "unaffected); choose a first layer of 1 or more to serve this draft with SGLang"]
-    return []
 
 
 def serving_config(cfg: DraftModelConfig, dtype: str = "bfloat16", target_model_type: str | None = None) -> dict:

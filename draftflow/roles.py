@@ -39,7 +39,8 @@ from draftflow.control.sources import ClaimingRefSource, ManifestRefSource
 from draftflow.data.prepare import PreparedData, data_hash, prepare_dataset
 from draftflow.data.tokenizer import load_tokenizer, tokenizer_hash
 from draftflow.card import card_from_checkpoint, target_section
-from draftflow.export import export_draft, serving_layer_warnings
+from draftflow.export import export_draft
+from draftflow.families import serving_warnings
 from draftflow.features_codec import storage_dtype
 from draftflow.records import Provenance
 from draftflow.stores import StoreError, build_store
@@ -107,7 +108,7 @@ def target_hf_config(cfg: Config):
 
 def build_provenance(cfg: Config, hf_config, aux_ids: list[int], tokenizer_hash_: str, data_hash_: str
                      ) -> Provenance:
-    for warning in serving_layer_warnings(aux_ids, getattr(hf_config, "model_type", None)):
+    for warning in serving_warnings(aux_ids, getattr(hf_config, "model_type", None)):
         log.warning(warning)
     feature_dtype(cfg)  # a dtype this torch lacks is refused before any store is opened
     return Provenance(target=target_identity(cfg.target), target_config_hash=config_hash(hf_config),

@@ -36,6 +36,10 @@ class _TargetRunner:
     def __init__(self, model, aux_layer_ids: Sequence[int]):
         self.model, self.aux_layer_ids = model, list(aux_layer_ids)
         self.cache = DynamicCache(config=model.config)
+        # Sliding-window layers (Gemma 3, Mistral, gpt-oss) drop keys that fall out of the
+        # window as they go, and then cannot be cropped back after a rejected draft: have
+        # them keep the past until `crop` (as transformers' assisted decoding does).
+        self.cache.activate_past_recording()
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_kwarg(model)
         self._outputs: dict[int, torch.Tensor] = {}

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 
 from draftflow.evaluate import read_draft_config
-from draftflow.export import (EXPORT_NAMES, export_draft, serving_config, serving_layer_warnings,
-                              sglang_layer_ids)
+from draftflow.export import EXPORT_NAMES, export_draft, serving_config, sglang_layer_ids
+from draftflow.families import serving_warnings
 from draftflow.train.model import DraftCache, DraftModelConfig, Eagle3Draft, decode_step
 from draftflow.train.vocab import build_draft_vocab, vocab_maps
 
@@ -108,9 +108,9 @@ def test_sglang_layer_ids_follow_the_target_family():
     assert sglang_layer_ids([1, 14, 26], "qwen3") == [1, 14, 26]
     assert sglang_layer_ids([1, 14, 26], "deepseek_v3") == [1, 14, 26]  # first id 1: outputs, as is
     assert sglang_layer_ids([2, 14, 26], "deepseek_v3") == [3, 15, 27]  # inputs of the next layers
-    assert serving_layer_warnings([1, 3, 4], "deepseek_v3") == []
-    assert serving_layer_warnings([0, 3, 4], "llama") == []
-    (warning,) = serving_layer_warnings([0, 3, 4], "glm4_moe_lite")
+    assert serving_warnings([1, 3, 4], "deepseek_v3") == []
+    assert serving_warnings([0, 3, 4], "llama") == []
+    (warning,) = serving_warnings([0, 3, 4], "glm4_moe_lite")
     assert "SGLang" in warning and "first layer of 1 or more" in warning
     cfg = serving_config(tiny_cfg(aux_layer_ids=(2, 5, 9)), target_model_type="deepseek_v2")
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [3, 6, 10]

@@ -27,13 +27,13 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed (make install-vllm)")
 
 
-def save_repetitive_target(folder: Path) -> Path:
+def save_repetitive_target(folder: Path, overrides=()) -> Path:
     """The tiny random target with one direction added to every token embedding: its
     greedy output repeats itself, so a 60-step draft accepts at every depth (tau ~1.5;
     on the plain random target it stays near 1.0 and deep positions would go untested)."""
     from draftflow.capture.target import build_random_model
 
-    model = build_random_model(load_config([TINY], OVERRIDES).target)
+    model = build_random_model(load_config([TINY], [*OVERRIDES, *overrides]).target)
     direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(4.0 * direction / direction.norm())
@@ -147,3 +147,30 @@ def test_vllm_honours_the_eagle31_switches(tmp_path):
     assert result["vllm"]["lossless"] and cmp["aux_layers"]["ok"] and cmp["outputs_equal"]
     assert cmp["rounds_agree"] and cmp["uncut"]["agree"] and result["vllm"]["accepted_per_pos"][0] > 0
 
+
+
+# Target families other than Llama that vLLM serves (families.py), with a head_dim other
+# than hidden / heads (64 / 4) where the family has one: the draft config must say it.
+VLLM_FAMILIES = {
+    "qwen3": ["target.random.model_type=qwen3", "target.random.num_attention_heads=4",
+              "target.random.num_key_value_heads=2", "target.random.head_dim=32"],
+}
+
+
+@needs_vllm
+@pytest.mark.parametrize("family", sorted(VLLM_FAMILIES))
+def test_vllm_serves_each_family_as_draftflow_evaluates_it(tmp_path, family):
+    from draftflow.roles import run_colocated
+
+    more = VLLM_FAMILIES[family]
+    target = save_repetitive_target(tmp_path / "target", more)
+    cfg = load_config([TINY], [*OVERRIDES, *more, "target.random=null", f"target.path={target}",
+                               f"features.root={tmp_path / 'feat'}", f"train.output_dir={tmp_path / 'run'}"])
+    run = run_colocated(cfg)
+    assert json.loads((Path(run.final_dir) / "config.json").read_text())["head_dim"] == 32
+    result = evaluate_with_vllm(cfg, run.final_dir, depth=DEPTH, max_new_tokens=MAX_NEW, num_prompts=PROMPTS)
+    cmp = result["comparison"]
+    assert result["vllm"]["aux_layer_ids_used"] == [i + 1 for i in AUX] and cmp["aux_layers"]["ok"]
+    assert result["vllm"]["lossless"] and cmp["outputs_equal"] and cmp["rounds_agree"] and cmp["uncut"]["agree"]
+    assert result["vllm"]["accepted_per_pos"][0] > 0
+    assert result["draftflow"]["tau"] == pytest.approx(result["vllm"]["tau"])

@@ -59,12 +59,26 @@ def require_vllm() -> None:
         raise ValueError(INSTALL_HINT)
 
 
+def refuse_unserved_family(cfg) -> None:
+    """Raise ValueError, naming the family, where vLLM has no EAGLE3 support for the
+    target's family (`families.py`), before anything is trained or started."""
+    from draftflow.families import ENGINE_VERSIONS, family
+    from draftflow.roles import target_hf_config
+
+    model_type = getattr(target_hf_config(cfg), "model_type", None)
+    fam = family(model_type)
+    if fam is not None and not fam.vllm.eagle3:
+        raise ValueError(f"--engine vllm: vLLM {ENGINE_VERSIONS['vllm']} cannot serve an EAGLE3 draft of a "
+                         f"{model_type} target: {fam.vllm.note}")
+
+
 def evaluate_with_vllm(cfg, draft_dir: str | Path, depth: int = 5, max_new_tokens: int = 64,
                        num_prompts: int = 16) -> dict:
     """{"draftflow": DraftFlow's evaluation, "vllm": vLLM's, "comparison": ...} of one
     exported draft on the same held-out prompts (module doc for the definitions)."""
     from draftflow.evaluate import evaluate, heldout_prompts, read_draft_config, record_on_card
 
+    refuse_unserved_family(cfg)
     require_vllm()
     draft_dir = Path(draft_dir)
     # Both tools in float32 whatever capture.dtype says: only there do speculative and
