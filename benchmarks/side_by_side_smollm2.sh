@@ -23,6 +23,7 @@ DEPTHS=${DEPTHS:-5} DEVICE=${DEVICE:-cuda}
 read -r -a EXTRA <<< "${EXTRA:-}"
 SMOKE=(); [ "$DEVICE" = cpu ] && SMOKE=(--cpu-smoke)
 mkdir -p "$OUTDIR"
+trap 'echo "rc=$?"' EXIT  # the last line of the log, for whoever waits on it
 export PYTHONUNBUFFERED=1
 C=(-c examples/smollm2-sharegpt.yaml "target.path=$GGUF" data.num_heldout=64 "data.max_samples=$N"
    "capture.device=$DEVICE" "train.device=$DEVICE" "${EXTRA[@]}")

@@ -38,8 +38,10 @@ class _TargetRunner:
         self.cache = DynamicCache(config=model.config)
         # Sliding-window layers (Gemma 3, Mistral, gpt-oss) drop keys that fall out of the
         # window as they go, and then cannot be cropped back after a rejected draft: have
-        # them keep the past until `crop` (as transformers' assisted decoding does).
-        self.cache.activate_past_recording()
+        # them keep the past until `crop` (as transformers' assisted decoding does). Older
+        # transformers (5.0) lack the switch; there those families fail past the window.
+        if hasattr(self.cache, "activate_past_recording"):
+            self.cache.activate_past_recording()
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_kwarg(model)
         self._outputs: dict[int, torch.Tensor] = {}
