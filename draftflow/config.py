@@ -55,6 +55,9 @@ class DataConfig:
     num_heldout: int = 0  # conversations held out for evaluation, never trained on
     seed: int = 0  # shuffles conversations before the split
     strict: bool = False  # fail on a malformed record instead of skipping it
+    # Each distinct conversation once, and no training conversation whose prompt is a
+    # held-out prompt (data/prepare.py split_indices); false: every record as read.
+    dedupe: bool = True
     # Reasoning templates (a <think>...</think> block before the reply, Qwen3-style): train
     # the draft on the reasoning the target writes (true) or only on the reply (false).
     # An empty think block, which a template inserts when thinking is off, is never trained.

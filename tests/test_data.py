@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -306,11 +307,33 @@ def test_samples_with_no_assistant_token_after_truncation_are_skipped(tmp_path, 
     short = chat_record(("user", "hi"), ("assistant", "hello"))
     path = write_lines(tmp_path / "d.jsonl", [long_prompt, short, short])
     with caplog.at_level(logging.INFO, logger="draftflow.data"):
-        data = prepare_dataset(DataConfig(sources=[str(path)], max_length=64), byte_tok)
+        data = prepare_dataset(DataConfig(sources=[str(path)], max_length=64, dedupe=False), byte_tok)
     assert len(data.train) == 2 and all(s.num_tokens <= 64 for s in data.train)
     assert f"skipped 1 conversation(s) with no assistant token within max_length=64, " \
            f"e.g. {path}:1" in caplog.text
     assert "3 conversation(s) read; 2 train sample(s)" in caplog.text
+
+
+def test_dedupe_keeps_each_conversation_once_and_no_heldout_prompt_in_training(tmp_path, byte_tok, caplog):
+    records = [chat_record(("user", f"question {i}"), ("assistant", f"answer {i}")) for i in range(12)]
+    records += [records[0], records[5]]  # two exact repeats
+    # every prompt once more, with another reply: whichever is held out, its twin must not train
+    records += [chat_record(("user", f"question {i}"), ("assistant", "another answer")) for i in range(12)]
+    path = write_lines(tmp_path / "d.jsonl", records)
+    cfg = DataConfig(sources=[str(path)], num_heldout=4, seed=3)
+    with caplog.at_level(logging.INFO, logger="draftflow.data"):
+        data = prepare_dataset(cfg, byte_tok)
+    assert "24 of 26 conversation(s) kept, 2 exact duplicate(s) dropped" in caplog.text
+    decode = lambda s: bytes(i for i in s.input_ids.tolist() if i < 256).decode()
+    prompt = lambda s: decode(s).split("assistant")[0]
+    held = {prompt(s) for s in data.heldout}
+    assert len(data.heldout) == 4 and not held & {prompt(s) for s in data.train}
+    # 24 distinct conversations: 4 held out, their 4 (or fewer) prompt twins dropped from training
+    dropped = 20 - len(data.train)
+    assert 1 <= dropped <= 4 and f"{dropped} conversation(s) share their prompt with a held-out one" in caplog.text
+    # dedupe off: every record as read, held-out prompts may reappear in training
+    everything = prepare_dataset(replace(cfg, dedupe=False), byte_tok)
+    assert len(everything.train) + len(everything.heldout) == 26
 
 
 def test_prepare_rejects_impossible_settings(byte_tok):

@@ -232,12 +232,8 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
     assistant token after truncation to `max_length` are skipped and counted.
     """
     _check_config(data_cfg)
-    conversations = load_conversations(data_cfg.sources, data_cfg.strict, log)
-    if data_cfg.num_heldout >= len(conversations):
-        raise ValueError(f"data.num_heldout={data_cfg.num_heldout}: only {len(conversations)} "
-                         f"conversation(s) were read from {data_cfg.sources}; expected more "
-                         "than num_heldout")
-    heldout_idx, train_idx = split_indices(len(conversations), data_cfg)
+    conversations = load_split_conversations(data_cfg, log)
+    heldout_idx, train_idx = split_indices(conversations, data_cfg, log)
     heldout_convs = [conversations[i] for i in heldout_idx]
     train_convs = [conversations[i] for i in train_idx]
     heldout, skipped_h = _tokenize_split(tok, heldout_convs, data_cfg.max_length, "h", data_cfg.train_reasoning)
@@ -250,13 +246,53 @@ def prepare_dataset(data_cfg: DataConfig, tok, log: logging.Logger = _LOG) -> Pr
     return PreparedData(train=train, heldout=heldout)
 
 
-def split_indices(num_conversations: int, data_cfg: DataConfig) -> tuple[list[int], list[int]]:
+def load_split_conversations(data_cfg: DataConfig, log: logging.Logger = _LOG) -> list[Conversation]:
+    """The configured conversations that `split_indices` splits: under `data.dedupe` each
+    distinct conversation once (the first occurrence), so a repeated one is neither
+    trained on twice nor found on both sides of the split."""
+    conversations = load_conversations(data_cfg.sources, data_cfg.strict, log)
+    if data_cfg.dedupe:
+        seen: set = set()
+        unique = [c for c in conversations if not (_key(c.messages) in seen or seen.add(_key(c.messages)))]
+        if len(unique) < len(conversations):
+            log.info("data: %d of %d conversation(s) kept, %d exact duplicate(s) dropped (data.dedupe)",
+                     len(unique), len(conversations), len(conversations) - len(unique))
+        conversations = unique
+    if data_cfg.num_heldout >= len(conversations):
+        raise ValueError(f"data.num_heldout={data_cfg.num_heldout}: only {len(conversations)} "
+                         f"conversation(s) were read from {data_cfg.sources}; expected more "
+                         "than num_heldout")
+    return conversations
+
+
+def split_indices(conversations: Sequence[Conversation], data_cfg: DataConfig,
+                  log: logging.Logger = _LOG) -> tuple[list[int], list[int]]:
     """(held-out, training) conversation indices, each in shuffled order: after a seeded
-    shuffle the first `num_heldout` are held out, the next `max_samples` (all if None) train."""
-    order = list(range(num_conversations))
+    shuffle the first `num_heldout` are held out, the next `max_samples` (all if None) train.
+    Under `data.dedupe` a conversation whose prompt (its turns before the first reply, what
+    `evaluate` prompts with) is a held-out prompt is not trained on: ShareGPT repeats
+    prompts, and a held-out prompt seen in training would inflate the measured tau."""
+    order = list(range(len(conversations)))
     random.Random(data_cfg.seed).shuffle(order)
-    rest = order[data_cfg.num_heldout:]
-    return order[:data_cfg.num_heldout], rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
+    heldout, rest = order[:data_cfg.num_heldout], order[data_cfg.num_heldout:]
+    if data_cfg.dedupe and heldout:
+        prompts = {_key(prompt_turns(conversations[i].messages)) for i in heldout}
+        kept = [i for i in rest if _key(prompt_turns(conversations[i].messages)) not in prompts]
+        if len(kept) < len(rest):
+            log.info("data: %d conversation(s) share their prompt with a held-out one and are not "
+                     "trained on (data.dedupe)", len(rest) - len(kept))
+        rest = kept
+    return heldout, rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
+
+
+def prompt_turns(messages: Sequence[Message]) -> Sequence[Message]:
+    """The turns before the first assistant reply: a conversation's prompt."""
+    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
+    return messages[:first_reply]
+
+
+def _key(messages: Sequence[Message]) -> tuple:
+    return tuple((m.role, m.content) for m in messages)
 
 
 def _check_config(cfg: DataConfig) -> None:

@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from draftflow.data.conversations import Conversation, Message, load_conversations
-from draftflow.data.prepare import prompt_ids, split_indices
+from draftflow.data.conversations import Conversation, Message
+from draftflow.data.prepare import load_split_conversations, prompt_ids, split_indices
 from draftflow.fsutil import write_atomic
 
 _LOG = logging.getLogger("draftflow.data")
@@ -279,8 +279,8 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     start = time.perf_counter()
     device, dtype = resolve_device_dtype(cfg.capture)
     devices = worker_devices(device, workers)
-    conversations = load_conversations(cfg.data.sources, cfg.data.strict, log)
-    which = sorted(split_indices(len(conversations), cfg.data)[1])
+    conversations = load_split_conversations(cfg.data, log)
+    which = sorted(split_indices(conversations, cfg.data, log)[1])
     tok = load_tokenizer(tokenizer_spec(cfg))
     if cfg.capture.dtype == "auto":
         dtype = torch.float32  # the greedy decode evaluate compares against
