@@ -176,7 +176,7 @@ def run_specforge(cfg, seqs, device, args, result: dict, out: Path) -> None:
     try:
         for name in SPECFORGE_MODULES:
             importlib.import_module(name)
-        side["version"] = _dist_version("specforge")
+        side["version"] = dist_version("specforge")
         with tempfile.TemporaryDirectory() as tmp:
             progress("specforge: building")
             strategy, optimizer = build_specforge(cfg, device, write_target_head_folder(cfg, Path(tmp)),
@@ -200,7 +200,7 @@ def run_specforge(cfg, seqs, device, args, result: dict, out: Path) -> None:
     free_memory(device)
 
 
-def _dist_version(name: str) -> str | None:
+def dist_version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version(name)

@@ -16,8 +16,8 @@ optimizer step reads exactly the samples DraftFlow's trainer read at that step
 goes through SpecForge's own offline normaliser (`algorithms.eagle3.data`: it zeroes
 the last loss-mask entry and renames the tensors) and collator (zero padding).
 
-SpecForge's side, as its offline EAGLE3 trainer assembles it (module names in
-`SPECFORGE_MODULES`): the draft config generated from the target by its
+SpecForge's side, as its offline EAGLE3 trainer assembles it (only modules that need
+neither sglang nor datasets are imported, inside the functions below): the draft config generated from the target by its
 `resolve_draft_config` (draft_vocab_size 32000) plus `eagle_config` naming the
 layers the features were captured at (how a SpecForge draft config pins them); the
 vocab map from the loss-masked token counts of the same samples (`specforge_vocab_maps`,
@@ -63,6 +63,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_specforge_gpu import dist_version  # noqa: E402
 
 from draftflow.capture.target import resolve_aux_layer_ids  # noqa: E402
 from draftflow.config import load_config, replace  # noqa: E402
@@ -71,12 +74,6 @@ from draftflow.roles import build_provenance, open_colocated_store, plan_data, t
 from draftflow.stores import StoreError  # noqa: E402
 from draftflow.train.batches import FeatureLoader, ListRefSource, SampleOrder  # noqa: E402
 from draftflow.train.trainer import load_target_weights  # noqa: E402
-
-SPECFORGE_MODULES = ("specforge.algorithms.common.collation", "specforge.algorithms.eagle3.data",
-                     "specforge.algorithms.eagle3.model", "specforge.algorithms.eagle3.providers",
-                     "specforge.export.to_sglang", "specforge.modeling.auto", "specforge.modeling.target.target_head",
-                     "specforge.optimizer", "specforge.runtime.contracts", "specforge.training.model_loading",
-                     "specforge.training.strategies.base")
 
 # SpecForge 0.2.0's defaults, read once from its sources (specforge.config.schema needs
 # pydantic, which the GPU machine lacks; tests check these still equal the schema's).
@@ -369,7 +366,7 @@ def main(argv=None) -> int:
     loader = step_loader(store, source, source.num_samples, cfg.train.seed, sched["global_batch"], micro,
                          max(num_steps, 1), pin_memory=device.type == "cuda")
     result = {"benchmark": "specforge_quality", "date": datetime.date.today().isoformat(),
-              "specforge_version": _dist_version("specforge"), "torch": torch.__version__,
+              "specforge_version": dist_version("specforge"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "settings": {"args": vars(args), "config": cfg.to_dict(), "aux_layer_ids": aux_ids,
                            "num_samples": source.num_samples, "micro_batch": micro,
@@ -403,14 +400,6 @@ def main(argv=None) -> int:
     print("\n".join(summary_lines(result["results"])))
     print(f"report: {path}")
     return 0 if all(r["lossless"] for r in result["results"].values()) else 1
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -210,14 +210,11 @@ def cmd_evaluate(args) -> int:
 
     cfg = _config(args)
     if args.engine == "vllm":  # DraftFlow's evaluator and real vLLM, side by side
-        from draftflow.engines.vllm import (evaluate_with_vllm, format_comparison, refuse_unserved_family,
-                                            require_vllm)
+        from draftflow.engines.vllm import evaluate_with_vllm, format_comparison
 
         if args.prompts != ["heldout"] or len(args.depths) != 1:
             raise ValueError(f"evaluate --engine vllm: compares on the heldout prompts at one depth; got "
                              f"--prompts {','.join(args.prompts)} --depths {','.join(map(str, args.depths))}")
-        refuse_unserved_family(cfg)  # before any work: a target family vLLM cannot serve
-        require_vllm()  # the error says how to install it
         result = evaluate_with_vllm(cfg, args.draft, depth=args.depths[0], max_new_tokens=args.max_new_tokens,
                                     num_prompts=args.num_prompts)
         print(format_comparison(result))

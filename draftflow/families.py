@@ -104,9 +104,11 @@ def serving_warnings(aux_layer_ids, model_type: str | None) -> list[str]:
                         "'output of layer 1', so the output of layer 0 cannot be expressed for it (vLLM is "
                         "unaffected); choose a first layer of 1 or more to serve this draft with SGLang")
     fam = family(model_type)
+    if fam is None:
+        return warnings
     for engine, version in ENGINE_VERSIONS.items():
-        support = getattr(fam, engine) if fam is not None else None
-        if support is not None and support.note:
+        support = getattr(fam, engine)
+        if support.note:
             what = "cannot serve" if not support.eagle3 else "serves, but not as trained,"
             warnings.append(f"{engine} {version} {what} an EAGLE3 draft of a {model_type} target: {support.note}")
     return warnings

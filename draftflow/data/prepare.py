@@ -252,8 +252,10 @@ def load_split_conversations(data_cfg: DataConfig, log: logging.Logger = _LOG) -
     trained on twice nor found on both sides of the split."""
     conversations = load_conversations(data_cfg.sources, data_cfg.strict, log)
     if data_cfg.dedupe:
-        seen: set = set()
-        unique = [c for c in conversations if not (_key(c.messages) in seen or seen.add(_key(c.messages)))]
+        first: dict[tuple, Conversation] = {}
+        for c in conversations:
+            first.setdefault(_key(c.messages), c)
+        unique = list(first.values())
         if len(unique) < len(conversations):
             log.info("data: %d of %d conversation(s) kept, %d exact duplicate(s) dropped (data.dedupe)",
                      len(unique), len(conversations), len(conversations) - len(unique))

@@ -78,8 +78,8 @@ def evaluate_with_vllm(cfg, draft_dir: str | Path, depth: int = 5, max_new_token
     exported draft on the same held-out prompts (module doc for the definitions)."""
     from draftflow.evaluate import evaluate, heldout_prompts, read_draft_config, record_on_card
 
-    refuse_unserved_family(cfg)
-    require_vllm()
+    refuse_unserved_family(cfg)  # before any work: a target family vLLM cannot serve
+    require_vllm()  # the error says how to install it
     draft_dir = Path(draft_dir)
     # Both tools in float32 whatever capture.dtype says: only there do speculative and
     # plain greedy agree token for token, so that rounds can be compared one by one.
