@@ -171,3 +171,11 @@ def test_training_parts_build_on_the_recipe(run, cfg):
     strategy, optimizer = sq.build_training(draft, folder, values, total_steps=100, device=torch.device("cpu"))
     assert optimizer.max_grad_norm == 0.5 and optimizer.lr_scheduler_type == "cosine"
     assert strategy.ploss_decay == 0.8
+
+
+def test_bad_input_is_refused_naming_what_to_do(run, tmp_path):
+    empty = load_config([TINY], [*run[1], f"features.root={tmp_path / 'nothing-captured'}"])
+    with pytest.raises(sq.StoreError, match=r"nothing-captured: \d+ of \d+ samples are not captured .* colocated run"):
+        sq.open_run_data(empty)
+    with pytest.raises(ValueError, match=r"--global-batch 6 is not a multiple of --micro-batch 4"):
+        sq.step_loader(None, None, 8, 0, global_batch=6, micro_batch=4, num_steps=1, pin_memory=False)
