@@ -234,3 +234,38 @@ def test_prefix_sharing_counts_the_tokens_a_prefix_trie_keeps():
     # trie: 1-2-3-4, 2-9 branch (1 more), the duplicate adds nothing, 7: 6 tokens of 12
     assert (r["tokens"], r["tokens_kept_with_sharing"], r["longest_shared_prefix"]) == (12, 6, 4)
     assert r["share_saved"] == 0.5
+
+
+def _eval_json(path: Path, taus: dict[str, float], lossless: bool = True) -> None:
+    """A `draftflow evaluate --json` (version 2) file with these taus at depth 5."""
+    sets = {s: {"depths": {"5": {"tau": tau, "lossless": lossless}}} for s, tau in taus.items()}
+    path.write_text(json.dumps({"version": 2, "draft": str(path), "depths": [5], "prompt_sets": sets}))
+
+
+def test_side_by_side_table_puts_each_variant_against_both_recipes_and_its_prediction(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import side_by_side_table as sbs
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    _eval_json(ev / "draftflow.heldout.json", {"heldout": 2.0})
+    _eval_json(ev / "draftflow.humaneval.json", {"humaneval": 1.5})
+    _eval_json(ev / "specforge.heldout.json", {"heldout": 1.25})
+    _eval_json(ev / "specforge.humaneval.json", {"humaneval": 1.2})
+    _eval_json(ev / "eagle31.heldout.json", {"heldout": 2.2}, lossless=False)
+    assert sbs.main(["table", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "side_by_side.json").read_text())
+    rows = {r["draft"]: r for r in table["rows"]}
+    assert list(rows) == ["draftflow", "specforge", "eagle31"] and table["prompt_sets"] == ["heldout", "humaneval"]
+    assert rows["draftflow"]["vs_specforge"] == {"heldout": 1.6, "humaneval": 1.25}
+    assert rows["eagle31"]["vs_draftflow"]["heldout"] == pytest.approx(1.1)
+    assert rows["eagle31"]["tau"]["humaneval"] is None and rows["eagle31"]["predicted"] == 1.10
+    out = capsys.readouterr().out
+    assert "1.60x" in out and "NO" in out.splitlines()[-1]  # eagle31's heldout run was not lossless
+
+    (ev / "specforge.heldout.json").unlink()
+    (ev / "specforge.humaneval.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no evaluation of specforge"):
+        sbs.build_table(tmp_path)
+    assert sbs.main(["overrides", "batch16", "--steps", "10"]) == 0
+    assert capsys.readouterr().out.split() == ["train.batch_size=4", "train.max_steps=20"]
