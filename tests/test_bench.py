@@ -269,3 +269,26 @@ def test_side_by_side_table_puts_each_variant_against_both_recipes_and_its_predi
         sbs.build_table(tmp_path)
     assert sbs.main(["overrides", "batch16", "--steps", "10"]) == 0
     assert capsys.readouterr().out.split() == ["train.batch_size=4", "train.max_steps=20"]
+
+
+def test_sharegpt_subset_keeps_the_first_conversations_up_to_their_kth_reply(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sharegpt_subset
+
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [
+        [turn("user", "a"), turn("assistant", "b"), turn("user", "c"), turn("assistant", "d")],
+        [turn("system", "s"), turn("user", "e"), turn("assistant", "f")],
+        [turn("user", "g"), turn("assistant", "h")],
+    ]))
+    out = tmp_path / "out.jsonl"
+    assert sharegpt_subset.main(["--source", str(src), "--first", "2", "--turns", "1", "--out", str(out)]) == 0
+    got = [[m["content"] for m in json.loads(line)["messages"]] for line in out.read_text().splitlines()]
+    assert got == [["a", "b"], ["s", "e", "f"]]
+    assert sharegpt_subset.main(["--source", str(src), "--first", "9", "--turns", "2", "--out", str(out)]) == 0
+    assert [len(json.loads(line)["messages"]) for line in out.read_text().splitlines()] == [4, 3, 2]
+    with pytest.raises(SystemExit):
+        sharegpt_subset.main(["--source", str(src), "--first", "0", "--out", str(out)])
