@@ -505,3 +505,34 @@ def test_a_template_that_drops_earlier_reasoning_still_masks_every_reply():
     assert "r1" not in tok.apply_chat_template(conv, tokenize=False)
     assert _masked_text(tok, conv, True) == "A1<|im_end|><think>\nr2\n</think>\n\nA2<|im_end|>"
     assert _masked_text(tok, conv, False) == "A1<|im_end|>A2<|im_end|>"
+
+
+@pytest.mark.parametrize("tags_special", [False, True])
+def test_regenerated_replies_keep_the_reasoning_the_target_emits(tags_special):
+    """`draftflow regenerate` asks with the template's own generation prompt (thinking on
+    unless the template says otherwise) and stores the reply as the target wrote it, think
+    block included, also where the tokenizer marks the tags special; training then keeps
+    or drops the reasoning by data.train_reasoning. The reply's ids stand for a reasoning
+    target's greedy output (the tiny random targets here emit no think blocks)."""
+    from draftflow.data.conversations import Conversation
+    from draftflow.data.regenerate import regenerate_conversations
+    from draftflow.data.tokenizer import build_bytes_chatml_tokenizer
+
+    tok = build_bytes_chatml_tokenizer(THINK_TEMPLATE)
+    if tags_special:
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    emitted = "<think>\nplan it\n</think>\n\nHello!"
+    asked = []
+
+    def generate(prompts, budgets):
+        asked.extend(tok.decode(p) for p in prompts)
+        return [tok.encode(emitted, add_special_tokens=False) for _ in prompts]
+
+    conv = Conversation(source="t.jsonl", line=1, messages=(Message(role="user", content="Hi"),
+                                                             Message(role="assistant", content="old reply")))
+    out, replies, _ = regenerate_conversations(generate, tok, [conv], [0], max_length=4096, max_new_tokens=64,
+                                               max_turns=1, max_prompt_tokens=1024)
+    assert asked == ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"] and replies == 1
+    assert out[0].messages[-1] == Message(role="assistant", content=emitted)
+    assert _masked_text(tok, out[0].messages, True) == emitted + "<|im_end|>"
+    assert _masked_text(tok, out[0].messages, False) == "Hello!<|im_end|>"

@@ -144,7 +144,9 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             break
         start = time.perf_counter()
         for i, reply in zip(asked, generate(prompts, budgets)):
-            text = tok.decode(reply, skip_special_tokens=True)
+            # as emitted: replies end before EOS, and tags a tokenizer marks special
+            # (<think> in some reasoning models) delimit what train_reasoning keeps
+            text = tok.decode(reply, skip_special_tokens=False)
             if not text.strip():
                 continue  # nothing to train on: the conversation ends before this turn
             chat = chats[i]
