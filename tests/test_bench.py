@@ -253,15 +253,31 @@ def test_side_by_side_table_puts_each_variant_against_both_recipes_and_its_predi
     _eval_json(ev / "specforge.heldout.json", {"heldout": 1.25})
     _eval_json(ev / "specforge.humaneval.json", {"humaneval": 1.2})
     _eval_json(ev / "eagle31.heldout.json", {"heldout": 2.2}, lossless=False)
+    _eval_json(ev / "batch16.heldout.json", {"heldout": 2.1})
     assert sbs.main(["table", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "side_by_side.json").read_text())
     rows = {r["draft"]: r for r in table["rows"]}
-    assert list(rows) == ["draftflow", "specforge", "eagle31"] and table["prompt_sets"] == ["heldout", "humaneval"]
+    assert list(rows) == ["draftflow", "specforge", "eagle31", "batch16"]
+    assert table["prompt_sets"] == ["heldout", "humaneval"]
     assert rows["draftflow"]["vs_specforge"] == {"heldout": 1.6, "humaneval": 1.25}
     assert rows["eagle31"]["vs_draftflow"]["heldout"] == pytest.approx(1.1)
     assert rows["eagle31"]["tau"]["humaneval"] is None and rows["eagle31"]["predicted"] == 1.10
-    out = capsys.readouterr().out
-    assert "1.60x" in out and "NO" in out.splitlines()[-1]  # eagle31's heldout run was not lossless
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    assert lines["draftflow"][3] == "1.60x" and lines["draftflow"][-1] == "yes"
+    assert lines["eagle31"][-1] == "NO"  # its held-out run was not lossless
+    assert lines["batch16"][-1] == "yes" and lines["batch16"][2] == "-" and lines["batch16"][4] == "-"
+    assert sbs.main(["table", str(tmp_path), "--depth", "3"]) == 0  # no result at depth 3: every tau "-"
+    assert all(r["tau"] == {"heldout": None, "humaneval": None} for r in
+               json.loads((tmp_path / "side_by_side.json").read_text())["rows"])
+    capsys.readouterr()
+
+    (ev / "batch16.heldout.json").write_text('{"version": 2, "prompt_sets": [1]}')
+    with pytest.raises(ValueError, match="batch16.heldout.json: field 'prompt_sets'"):
+        sbs.build_table(tmp_path)
+    (ev / "batch16.heldout.json").write_text("{not json")
+    with pytest.raises(ValueError, match="batch16.heldout.json: not readable"):
+        sbs.build_table(tmp_path)
+    (ev / "batch16.heldout.json").unlink()
 
     (ev / "specforge.heldout.json").unlink()
     (ev / "specforge.humaneval.json").unlink()
@@ -269,6 +285,10 @@ def test_side_by_side_table_puts_each_variant_against_both_recipes_and_its_predi
         sbs.build_table(tmp_path)
     assert sbs.main(["overrides", "batch16", "--steps", "10"]) == 0
     assert capsys.readouterr().out.split() == ["train.batch_size=4", "train.max_steps=20"]
+    assert sbs.main(["overrides", "sf_hparams", "--steps", "200"]) == 0  # warm-up: 1.5% of the steps
+    assert capsys.readouterr().out.split() == ["train.lr=1e-4", "train.warmup_steps=3", "train.min_lr_ratio=0"]
+    with pytest.raises(SystemExit):
+        sbs.main(["overrides", "eagle3.1", "--steps", "10"])  # unknown name: the shell script stops on it
 
 
 def test_sharegpt_subset_keeps_the_first_conversations_up_to_their_kth_reply(tmp_path):

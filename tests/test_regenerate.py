@@ -83,3 +83,33 @@ def test_two_worker_processes_write_the_same_file_as_one(tmp_path):
     assert main(["regenerate", *args, "--out", str(one)]) == 0
     assert main(["regenerate", *args, "--out", str(two), "--workers", "2"]) == 0
     assert one.read_bytes() == two.read_bytes()
+
+
+def test_two_training_conversations_with_one_prompt_keep_the_split(tmp_path, caplog):
+    """Two training conversations asking the same thing get the same greedy reply; the
+    second keeps its original reply, so the file read back under data.dedupe has as many
+    conversations as the source and splits the same way (else `evaluate` would hold out
+    other prompts than regenerate did)."""
+    from draftflow.data.prepare import load_split_conversations, split_indices
+
+    rows = [[("user", f"question {i}?"), ("assistant", f"answer {i}.")] for i in range(12)]
+    rows += [[("user", "same question?"), ("assistant", "one answer.")],
+             [("user", "same question?"), ("assistant", "another answer.")]]
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in row]}) + "\n"
+                           for row in rows))
+    over = ["capture.device=cpu", f"data.sources=[{src}]", "data.num_heldout=3"]
+    cfg = load_config([TINY], over)
+    held, train = split_indices(load_split_conversations(cfg.data), cfg.data)
+    assert {12, 13} <= set(train)  # both copies are regenerated (the case under test)
+    out = tmp_path / "regen.jsonl"
+    with caplog.at_level("INFO", logger="draftflow.data"):
+        assert main(["regenerate", "-c", str(TINY), "--out", str(out), "--max-new-tokens", "8", *over]) == 0
+    assert "1 conversation(s) keep their original replies" in caplog.text
+    after = load_conversations([str(out)])
+    assert after[13].messages[-1].content == "another answer."  # kept as it was
+    assert after[12].messages[-1].content != "one answer."  # the first copy was regenerated
+    back = load_config([TINY], [*over[:1], f"data.sources=[{out}]", *over[2:]])
+    conversations = load_split_conversations(back.data)
+    assert len(conversations) == len(rows)
+    assert split_indices(conversations, back.data) == (held, train)

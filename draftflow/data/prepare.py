@@ -254,7 +254,7 @@ def load_split_conversations(data_cfg: DataConfig, log: logging.Logger = _LOG) -
     if data_cfg.dedupe:
         first: dict[tuple, Conversation] = {}
         for c in conversations:
-            first.setdefault(_key(c.messages), c)
+            first.setdefault(messages_key(c.messages), c)
         unique = list(first.values())
         if len(unique) < len(conversations):
             log.info("data: %d of %d conversation(s) kept, %d exact duplicate(s) dropped (data.dedupe)",
@@ -278,8 +278,8 @@ def split_indices(conversations: Sequence[Conversation], data_cfg: DataConfig,
     random.Random(data_cfg.seed).shuffle(order)
     heldout, rest = order[:data_cfg.num_heldout], order[data_cfg.num_heldout:]
     if data_cfg.dedupe and heldout:
-        prompts = {_key(prompt_turns(conversations[i].messages)) for i in heldout}
-        kept = [i for i in rest if _key(prompt_turns(conversations[i].messages)) not in prompts]
+        prompts = {messages_key(prompt_turns(conversations[i].messages)) for i in heldout}
+        kept = [i for i in rest if messages_key(prompt_turns(conversations[i].messages)) not in prompts]
         if len(kept) < len(rest):
             log.info("data: %d conversation(s) share their prompt with a held-out one and are not "
                      "trained on (data.dedupe)", len(rest) - len(kept))
@@ -293,7 +293,9 @@ def prompt_turns(messages: Sequence[Message]) -> Sequence[Message]:
     return messages[:first_reply]
 
 
-def _key(messages: Sequence[Message]) -> tuple:
+def messages_key(messages: Sequence[Message]) -> tuple:
+    """What `data.dedupe` compares: two conversations (or prompts) are the same when
+    their roles and texts are."""
     return tuple((m.role, m.content) for m in messages)
 
 

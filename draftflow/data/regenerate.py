@@ -11,7 +11,10 @@ assistant turns are the target's greedy replies: turn by turn, each reply genera
 after the user turns and the replies generated so far. Held-out conversations and
 those beyond `data.max_samples` are written unchanged, so the file read with the same
 `data.seed` and `data.num_heldout` has the same split, and `evaluate` sees the same
-held-out prompts. A conversation whose first reply cannot be generated (no room left
+held-out prompts. For the same reason, under `data.dedupe` a regenerated conversation
+that would repeat an earlier one (two training conversations with one prompt get one
+greedy reply) keeps its original replies: the copy would be dropped when the file is
+read, and the split of the shorter list would differ (`keep_distinct`). A conversation whose first reply cannot be generated (no room left
 within `data.max_length`, or an immediate end of turn) is kept as it was; later empty
 replies end the conversation there. The file is written atomically.
 
@@ -39,7 +42,7 @@ from typing import Callable
 import torch
 
 from draftflow.data.conversations import Conversation, Message
-from draftflow.data.prepare import load_split_conversations, prompt_ids, split_indices
+from draftflow.data.prepare import load_split_conversations, messages_key, prompt_ids, split_indices
 from draftflow.fsutil import write_atomic
 
 _LOG = logging.getLogger("draftflow.data")
@@ -147,7 +150,7 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             # as emitted: replies end before EOS, and tags a tokenizer marks special
             # (<think> in some reasoning models) delimit what train_reasoning keeps
             text = tok.decode(reply, skip_special_tokens=False)
-            if not text.strip():
+            if not tok.decode(reply, skip_special_tokens=True).strip():
                 continue  # nothing to train on: the conversation ends before this turn
             chat = chats[i]
             chat.history += [chat.user_turns[turn], Message(role="assistant", content=text)]
@@ -160,6 +163,28 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
         if chat.replies:
             out[i] = Conversation(source=out[i].source, line=out[i].line, messages=tuple(chat.history))
     return out, replies, tokens
+
+
+def keep_distinct(original: list[Conversation], new: list[Conversation],
+                  log: logging.Logger = _LOG) -> list[Conversation]:
+    """`new`, except that a regenerated conversation equal to an earlier one keeps its
+    original replies. Two training conversations with the same prompt get the same greedy
+    reply; read back under `data.dedupe` the copy would be dropped, and the seeded split
+    of the shorter list would hold out other conversations than this run held out."""
+    seen, out, kept = set(), [], 0
+    for old, conv in zip(original, new):
+        key = messages_key(conv.messages)
+        if conv is not old and key in seen:
+            conv, key, kept = old, messages_key(old.messages), kept + 1
+        seen.add(key)
+        out.append(conv)
+    if kept:
+        log.info("regenerate: %d conversation(s) keep their original replies: regenerated, they repeat an "
+                 "earlier conversation, which data.dedupe would drop and so change the split", kept)
+    if len(seen) < len(out):  # an original reply equal to an earlier regenerated one: rare, and only warned
+        log.warning("regenerate: %d conversation(s) still repeat an earlier one; read back with "
+                    "data.dedupe, the file splits differently from this run", len(out) - len(seen))
+    return out
 
 
 def write_jsonl(path: Path, conversations: list[Conversation]) -> None:
@@ -308,6 +333,8 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     finally:
         if generate is not None:
             generate.close()
+    if cfg.data.dedupe:
+        new = keep_distinct(conversations, new, log)
     write_jsonl(out, new)
     changed = sum(a is not b for a, b in zip(conversations, new))
     return RegenerateStats(conversations=len(new), regenerated=changed, replies=replies, new_tokens=tokens,
