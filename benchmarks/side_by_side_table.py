@@ -89,15 +89,18 @@ def tau_of(evals: dict, draft: str, prompt_set: str, depth: str) -> float | None
 
 
 def build_table(outdir: Path, depth: int = 5) -> dict:
+    """The table of OUTDIR/eval; a recipe not evaluated (a DraftFlow-only run, or a
+    failed evaluation) has no row, and the ratios to it are None."""
     evals = load_evals(outdir)
-    missing = [b for b in BASE if b not in evals]
-    if missing:
-        raise FileNotFoundError(f"{outdir / 'eval'}: no evaluation of {', '.join(missing)} "
-                                "(expected NAME.SET.json from `draftflow evaluate --json`)")
+    if not evals:
+        raise FileNotFoundError(f"{outdir / 'eval'}: no evaluation (expected NAME.SET.json files written by "
+                                "`draftflow evaluate --json`)")
     sets = sorted({s for per in evals.values() for s in per})
     d = str(depth)
     rows = []
-    for name in [*BASE, *(n for n in VARIANTS if n in evals), *(n for n in evals if n not in VARIANTS and n not in BASE)]:
+    names = [*(b for b in BASE if b in evals), *(n for n in VARIANTS if n in evals),
+             *(n for n in evals if n not in VARIANTS and n not in BASE)]
+    for name in names:
         row = {"draft": name, "tau": {}, "lossless": {}, "vs_specforge": {}, "vs_draftflow": {}}
         for s in sets:
             tau = tau_of(evals, name, s, d)

@@ -279,9 +279,13 @@ def test_side_by_side_table_puts_each_variant_against_both_recipes_and_its_predi
         sbs.build_table(tmp_path)
     (ev / "batch16.heldout.json").unlink()
 
-    (ev / "specforge.heldout.json").unlink()
-    (ev / "specforge.humaneval.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no evaluation of specforge"):
+    for path in ev.glob("specforge.*.json"):  # a DraftFlow-only run: no SpecForge row, no ratio to it
+        path.unlink()
+    rows = {r["draft"]: r for r in sbs.build_table(tmp_path)["rows"]}
+    assert list(rows) == ["draftflow", "eagle31"] and rows["draftflow"]["vs_specforge"]["heldout"] is None
+    for path in ev.glob("*.json"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="no evaluation"):
         sbs.build_table(tmp_path)
     assert sbs.main(["overrides", "batch16", "--steps", "10"]) == 0
     assert capsys.readouterr().out.split() == ["train.batch_size=4", "train.max_steps=20"]
