@@ -14,9 +14,10 @@ those beyond `data.max_samples` are written unchanged, so the file read with the
 held-out prompts. For the same reason, under `data.dedupe` a regenerated conversation
 that would repeat an earlier one (two training conversations with one prompt get one
 greedy reply) keeps its original replies: the copy would be dropped when the file is
-read, and the split of the shorter list would differ (`keep_distinct`). A conversation whose first reply cannot be generated (no room left
-within `data.max_length`, or an immediate end of turn) is kept as it was; later empty
-replies end the conversation there. The file is written atomically.
+read, and the split of the shorter list would differ (`keep_distinct`). A conversation
+whose first reply cannot be generated (no room left within `data.max_length`, or an
+immediate end of turn) is kept as it was; later empty replies end the conversation
+there. The file is written atomically.
 
 Precision: the target runs on capture.device, in float32 unless capture.dtype names
 another dtype (as in evaluate: these replies are then the very greedy decode that
