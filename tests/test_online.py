@@ -150,6 +150,32 @@ def test_online_features_stay_in_a_bounded_ring(tmp_path, max_bytes):
         assert 0 < store.peak_bytes <= 3 * 2 * micro_batch  # the two steps ahead and the one being batched
 
 
+def test_memory_store_checks_room_and_puts_in_one_step():
+    """A second put of a held sample takes no bytes and does not wait; a new sample
+    waits for room and goes in once a release makes it; a closed store takes nothing.
+    Check and put are one step, so a release between them cannot let a sample in past
+    the bound (before, the capture thread looked the sample up, then put it)."""
+    import threading
+
+    store = MemoryStore(RunKeys(b"k" * 32, "memory"), max_bytes=64)
+    a = {"input_ids": torch.zeros(16, dtype=torch.int32)}  # 64 bytes: the whole bound
+    ref_a = store.put_when_room("a", 0, a)
+    assert store.put_when_room("a", 0, a) == ref_a and store.held_bytes == 64  # shared, no wait
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(store.put_when_room("b", 1, a)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and store.held_bytes == 64  # no room for b
+    store.release(store.get(ref_a))
+    waiter.join(0.2)
+    assert waiter.is_alive()  # a is still held once (put twice)
+    store.release(store.get(ref_a))
+    waiter.join(5)
+    assert not waiter.is_alive() and got[0].sample_id == "b" and store.held_bytes == 64 == store.peak_bytes
+    store.close()
+    assert store.put_when_room("c", 2, a) is None and store.held_bytes == 0
+
+
 def test_online_capture_failure_reaches_the_trainer(tmp_path):
     store, source = _tiny_online(tmp_path, 1 << 30)
     source.pad_to = {}  # every lookup of a padded length fails inside the capture thread

@@ -162,16 +162,14 @@ class CapturingSource:
             features = [encode_features(f, self.encode_as) for f in features]
         for item, f in zip(batch, features):
             for _ in range(copies[item.index]):
-                if self.store.lookup(item.sample_id, item.index) is None:
-                    # Wait only while the loader is not waiting itself: a step's samples
-                    # are captured by padded length, not in the order the loader asks for
-                    # them, so while it waits every put is let in, and a bound smaller than
-                    # a micro-batch cannot deadlock the two threads.
-                    self.store.wait_for_room(sum(t.numel() * t.element_size() for t in f.values()),
-                                             until=lambda: self._stop or self._waiting > 0)
-                if self._stop:
+                # Wait only while the loader is not waiting itself: a step's samples are
+                # captured by padded length, not in the order the loader asks for them,
+                # so while it waits every put is let in, and a bound smaller than a
+                # micro-batch cannot deadlock the two threads.
+                ref = self.store.put_when_room(item.sample_id, item.index, f,
+                                               until=lambda: self._stop or self._waiting > 0)
+                if self._stop or ref is None:
                     raise CaptureStopped
-                ref = self.store.put(item.sample_id, item.index, f)
                 with self._cond:
                     self._ready[item.index].append(ref)
                     self._unresolved += 1

@@ -9,11 +9,12 @@ copying GPU features to the host to do it, would guard against nothing). Refs ar
 still signed, with a key made for this process, so `get` takes only refs this store
 handed out, as every backend does.
 
-Memory is bounded: `wait_for_room` blocks a put while the held samples and the new
-one would exceed `features.max_inflight_bytes` (one sample is always let in, so a
-sample larger than the bound still runs; the online source also lets in every sample
-the loader is waiting for). A sample put again while an earlier copy is
-unread (an epoch boundary inside the capture window) is counted, not stored twice.
+Memory is bounded: `put_when_room` blocks a put while the held samples and the new
+one would exceed `features.max_inflight_bytes`, checking and putting under one lock
+(one sample is always let in, so a sample larger than the bound still runs; the online
+source also lets in every sample the loader is waiting for). A sample put again while
+an earlier copy is unread (an epoch boundary inside the capture window) is counted,
+not stored twice.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class MemoryStore:
         self.keys = keys  # control.binding.RunKeys; an online run makes them for this process
         self.max_bytes = max_bytes
         self._held: dict[str, _Held] = {}
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())  # put_when_room calls put under it
         self._closed = False
         self.held_bytes = 0
         self.peak_bytes = 0  # the most held at once (the bound's check in tests and benchmarks)
@@ -68,9 +69,23 @@ class MemoryStore:
         """Block while `num_bytes` more would exceed the bound and something is held,
         unless `until()` turns true (checked every few milliseconds) or the store closes."""
         with self._cond:
-            while (self.held_bytes and self.held_bytes + num_bytes > self.max_bytes and not self._closed
-                   and not until()):
-                self._cond.wait(0.02)
+            self._wait(lambda: False, num_bytes, until)
+
+    def put_when_room(self, sample_id: str, index: int, tensors: Mapping[str, torch.Tensor],
+                      until=lambda: False) -> SampleRef | None:
+        """`put` once there is room (as `wait_for_room`), or at once if the sample is held
+        already (a second put of it takes no bytes). The check and the put are one step
+        under the store's lock, so a copy released meanwhile cannot let a new one in past
+        the bound. None, with nothing stored, once the store is closed."""
+        num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        with self._cond:  # re-entrant: `put` takes it again
+            self._wait(lambda: sample_id in self._held, num_bytes, until)
+            return None if self._closed else self.put(sample_id, index, tensors)
+
+    def _wait(self, shared, num_bytes: int, until) -> None:
+        while (not shared() and self.held_bytes and self.held_bytes + num_bytes > self.max_bytes
+               and not self._closed and not until()):
+            self._cond.wait(0.02)
 
     def lookup(self, sample_id: str, index: int) -> SampleRef | None:
         with self._cond:
