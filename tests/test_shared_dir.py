@@ -338,6 +338,28 @@ def test_gc_removes_stale_claims_consumed_samples_and_whole_store(tmp_path):
         gc_store(tmp_path, ["all"])
 
 
+def test_gc_of_claims_clears_a_live_claim_only_for_a_marker_that_verifies(tmp_path):
+    """A done marker ends its sample's claims; with the run secret, a forged marker does
+    not (the live claim stays, so no second consumer takes the sample); a genuine one does."""
+    store = open_dir(tmp_path, release="consume_once")
+    with ManifestWriter(store.control_dir, SECRET, make_header(2)) as w:
+        for i in range(2):
+            w.publish(store.put(f"s{i}", i, tensors(i)))
+        w.seal()
+    live = ClaimBook(store.control_dir, "live", 3600, store.keys)
+    assert live.try_claim("s0") and live.try_claim("s1")
+    done_dir = store.control_dir / "done"
+    done_dir.mkdir(exist_ok=True)
+    (done_dir / "s0").write_bytes(b'{"done": {"sample_id": "s0"}, "mac": "forged"}')
+    (done_dir / "s1").write_bytes(store.keys.done_marker("s1", 0, "live"))
+    assert gc_store(tmp_path, ["claims"], claim_timeout_s=3600, secret=SECRET) == {"claims": 1}
+    claims = sorted(p.name for p in (store.control_dir / "claims").iterdir())
+    assert len(claims) == 1 and claims[0].startswith("s0")  # the forged marker left s0's live claim
+    assert gc_store(tmp_path, ["claims"], claim_timeout_s=3600) == {"claims": 1}  # no secret: markers as they are
+    with pytest.raises(StoreError, match="cannot check the done markers"):
+        gc_store(tmp_path, ["claims"], secret=b"wrong secret")
+
+
 def test_chunked_checksums_verify_landing_order_and_the_earlier_whole_format():
     """Feature checksums hash 8 MiB chunks on several threads: computed while bytes land
     in any order of cuts, they equal the one-shot value; a flipped byte in a later chunk

@@ -192,7 +192,9 @@ def gc_store(root: str | Path, what: Iterable[str], *, claim_timeout_s: float = 
 
     `temp`: temp files of crashed writers older than `min_temp_age_s` (younger ones
     may belong to a live writer). `claims`: claims superseded by a newer generation,
-    of done samples, or stale for `claim_timeout_s`. `consumed` (needs `secret`): files
+    of done samples, or stale for `claim_timeout_s`; with `secret`, a sample counts as
+    done only if its marker verifies (a forged marker cannot clear a live claim), without
+    it every marker counts. `consumed` (needs `secret`): files
     of samples whose done marker verifies, in a consume-once run only. `all`: the whole
     store (samples and control records).
     """
@@ -211,7 +213,8 @@ def gc_store(root: str | Path, what: Iterable[str], *, claim_timeout_s: float = 
         old = [p for p in _temp_files(root) if now - p.stat().st_mtime >= min_temp_age_s]
         removed["temp"] = _unlink_all(old)
     if "claims" in what:
-        removed["claims"] = _unlink_all(_removable_claims(root, now, claim_timeout_s))
+        done = _done_ids(root) if secret is None else _verified_done(root, secret)
+        removed["claims"] = _unlink_all(_removable_claims(root, now, claim_timeout_s, done))
     if "consumed" in what:
         removed["consumed"] = _unlink_all(root / "samples" / f"{s}{_SUFFIX}" for s in _consumed(root, secret))
     return removed
@@ -231,7 +234,17 @@ def _consumed(root: Path, secret: bytes | None) -> frozenset[str]:
     return run.done
 
 
-def _removable_claims(root: Path, now: float, claim_timeout_s: float) -> list[Path]:
+def _verified_done(root: Path, secret: bytes) -> set[str]:
+    """The samples whose done marker this run signed."""
+    try:
+        keys, _ = open_store_record(root, secret, None)
+    except ManifestError as e:
+        raise StoreError(f"{root}: cannot check the done markers: {e}") from None
+    d = root / "control" / "done"
+    return {s for s in _done_ids(root) if keys.done_marker_ok(s, (d / s).read_bytes())}
+
+
+def _removable_claims(root: Path, now: float, claim_timeout_s: float, done: set[str]) -> list[Path]:
     """Claim chains of done samples, and whole chains whose newest claim is stale.
 
     A chain goes whole, never one superseded generation alone: a consumer claims
@@ -242,7 +255,7 @@ def _removable_claims(root: Path, now: float, claim_timeout_s: float) -> list[Pa
     for p in _claim_files(root):
         sample_id, gen = parse_claim_name(p.name)
         chains.setdefault(sample_id, []).append((gen, p))
-    done, out = _done_ids(root), []
+    out = []
     for sample_id, chain in chains.items():
         _, newest = max(chain)
         if sample_id in done or now - newest.stat().st_mtime > claim_timeout_s:
