@@ -293,6 +293,33 @@ def test_lease_is_taken_over_when_stale_and_the_loser_learns_it(tmp_path):
     b.release()
 
 
+def test_lease_of_a_dead_pid_is_taken_at_once_only_within_this_host_identity(tmp_path):
+    """A killed producer of this host (same hostname, boot and pid namespace) is taken
+    over at once; one recorded under the same hostname but another namespace (another
+    container) is not, since its pid says nothing here: it waits for the heartbeat timeout."""
+    import subprocess
+    import sys
+
+    from draftflow.control.claims import ClaimBook
+    from draftflow.control.lease import LEASE_DIR, host_identity
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    keys = RunKeys(b"s", "store")
+    # ours; another container under the same hostname; the bare hostname (earlier versions
+    # recorded only that, which let a live producer elsewhere be taken for a dead one here)
+    cases = ((host_identity(), True), (socket.gethostname() + "@0123456789ab", False), (socket.gethostname(), False))
+    for n, (identity, taken) in enumerate(cases):
+        root = tmp_path / str(n)
+        holder = ClaimBook(root / LEASE_DIR, f"{identity}:{dead.pid}:deadbeef", 3600, keys)
+        assert holder.try_claim("producer")  # as the killed producer left it: fresh heartbeat, dead pid
+        if taken:
+            ProducerLease(root, keys, timeout_s=3600).acquire().release()
+        else:
+            with pytest.raises(LeaseError, match="another producer holds this run"):
+                ProducerLease(root, keys, timeout_s=3600).acquire()
+
+
 # ------------------------------------------------------------------ the seal, retain mode (finding 6)
 
 @pytest.mark.parametrize("tamper, message", [

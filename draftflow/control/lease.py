@@ -8,11 +8,16 @@ is refused at start, naming the holder. The lease is a consume-once claim on the
 generation), renewed by a heartbeat thread every `claim_timeout_s / 4`. It is taken
 over when its heartbeat is older than `features.claim_timeout_s`, or at once when its
 owner is a process of this host that no longer runs (a killed producer's rerun).
-A producer whose lease was taken over stops before its next journal line.
+"This host" is the hostname plus, where Linux offers them, the boot id and the pid
+namespace (`host_identity`): containers can share a hostname, and a pid means
+something only in its own namespace, so a live producer in another container is never
+taken for a dead one of ours. A producer whose lease was taken over stops before its
+next journal line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -38,9 +43,23 @@ class _LeaseBook(ClaimBook):
             owner = str(json.loads(path.read_text()).get("owner", ""))
         except json.JSONDecodeError:
             return False
-        host, _, rest = owner.partition(":")  # default_owner(): host:pid:random
+        host, _, rest = owner.partition(":")  # default_owner(host_identity()): host:pid:random
         pid = rest.partition(":")[0]
-        return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+        return host == host_identity() and pid.isdigit() and not _alive(int(pid))
+
+
+def host_identity() -> str:
+    """The hostname, with a digest of the boot id and the pid namespace where they can be
+    read (the pids of two holders compare only when both match)."""
+    parts = []
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            pass
+    host = socket.gethostname().replace(":", "_")
+    return f"{host}@{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:12]}" if parts else host
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +76,7 @@ class ProducerLease:
     """Held from `acquire()` until `release()`; `check()` raises once it was lost."""
 
     def __init__(self, control_dir: str | Path, keys, timeout_s: float):
-        self._book = _LeaseBook(Path(control_dir) / LEASE_DIR, default_owner(), timeout_s, keys)
+        self._book = _LeaseBook(Path(control_dir) / LEASE_DIR, default_owner(host_identity()), timeout_s, keys)
         self._stop = threading.Event()
         self._lost = False
         self._thread: threading.Thread | None = None
