@@ -81,10 +81,16 @@ def load_evals(outdir: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
-def tau_of(evals: dict, draft: str, prompt_set: str, depth: str) -> float | None:
+def result_of(evals: dict, draft: str, prompt_set: str, depth: str) -> dict | None:
+    """One evaluation's result at `depth`, None where that draft and set were not run."""
     row = evals.get(draft, {}).get(prompt_set, {}).get("depths", {}).get(depth)
     if row is not None and not isinstance(row.get("tau"), (int, float)):
         raise ValueError(f"eval/{draft}.{prompt_set}.json: field 'tau' at depth {depth}: expected a number")
+    return row
+
+
+def tau_of(evals: dict, draft: str, prompt_set: str, depth: str) -> float | None:
+    row = result_of(evals, draft, prompt_set, depth)
     return None if row is None else row["tau"]
 
 
@@ -103,10 +109,9 @@ def build_table(outdir: Path, depth: int = 5) -> dict:
     for name in names:
         row = {"draft": name, "tau": {}, "lossless": {}, "vs_specforge": {}, "vs_draftflow": {}}
         for s in sets:
-            tau = tau_of(evals, name, s, d)
-            entry = evals.get(name, {}).get(s, {}).get("depths", {}).get(d, {})
-            row["tau"][s] = tau
-            row["lossless"][s] = entry.get("lossless")
+            result = result_of(evals, name, s, d) or {}
+            tau = row["tau"][s] = result.get("tau")
+            row["lossless"][s] = result.get("lossless")
             for base in BASE:
                 ref = tau_of(evals, base, s, d)
                 row[f"vs_{base}"][s] = None if tau is None or not ref else tau / ref

@@ -17,6 +17,7 @@ next journal line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ class _LeaseBook(ClaimBook):
         return host == host_identity() and pid.isdigit() and not _alive(int(pid))
 
 
+@functools.cache  # fixed for the process: read once, not at every staleness check
 def host_identity() -> str:
     """The hostname, with a digest of the boot id and the pid namespace where they can be
     read (the pids of two holders compare only when both match)."""

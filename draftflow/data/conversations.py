@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 ROLES = ("system", "user", "assistant")
 
@@ -242,9 +242,15 @@ def _parse_prompt_record(record: Any) -> tuple[Message, ...]:
         return (Message(role="user", content=text),)
     messages = _drop_leading_assistant(_record_turns(
         record, 'expected "prompt" text or a "messages" or "conversations" list'))
-    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
-    if not any(m.role == "user" for m in messages[:first_reply]):
+    prompt = prompt_turns(messages)
+    if not any(m.role == "user" for m in prompt):
         raise _BadRecord("expected a user turn to prompt with")
+    return prompt
+
+
+def prompt_turns(messages: Sequence[Message]) -> Sequence[Message]:
+    """The turns before the first assistant reply: a conversation's prompt."""
+    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
     return messages[:first_reply]
 
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from draftflow.config import DataConfig
-from draftflow.data.conversations import Conversation, Message, load_conversations
+from draftflow.data.conversations import Conversation, Message, load_conversations, prompt_turns
 from draftflow.fsutil import fsync_dir
 
 _LOG = logging.getLogger("draftflow.data")
@@ -285,12 +285,6 @@ def split_indices(conversations: Sequence[Conversation], data_cfg: DataConfig,
                      "trained on (data.dedupe)", len(rest) - len(kept))
         rest = kept
     return heldout, rest if data_cfg.max_samples is None else rest[:data_cfg.max_samples]
-
-
-def prompt_turns(messages: Sequence[Message]) -> Sequence[Message]:
-    """The turns before the first assistant reply: a conversation's prompt."""
-    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
-    return messages[:first_reply]
 
 
 def messages_key(messages: Sequence[Message]) -> tuple:

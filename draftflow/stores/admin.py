@@ -234,17 +234,15 @@ def _consumed(root: Path, secret: bytes | None) -> frozenset[str]:
     return run.done
 
 
-def _verified_done(root: Path, secret: bytes) -> set[str]:
-    """The samples whose done marker this run signed."""
-    try:
-        keys, _ = open_store_record(root, secret, None)
-    except ManifestError as e:
-        raise StoreError(f"{root}: cannot check the done markers: {e}") from None
-    d = root / "control" / "done"
-    return {s for s in _done_ids(root) if keys.done_marker_ok(s, (d / s).read_bytes())}
+def _verified_done(root: Path, secret: bytes) -> frozenset[str]:
+    """The samples whose done marker verifies (`check_run`)."""
+    run = check_run(root, secret)
+    if run.keys is None:
+        raise StoreError(f"{root}: cannot check the done markers: {'; '.join(run.problems)}")
+    return run.done
 
 
-def _removable_claims(root: Path, now: float, claim_timeout_s: float, done: set[str]) -> list[Path]:
+def _removable_claims(root: Path, now: float, claim_timeout_s: float, done: Iterable[str]) -> list[Path]:
     """Claim chains of done samples, and whole chains whose newest claim is stale.
 
     A chain goes whole, never one superseded generation alone: a consumer claims

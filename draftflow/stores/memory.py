@@ -65,27 +65,20 @@ class MemoryStore:
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
             return ref
 
-    def wait_for_room(self, num_bytes: int, until=lambda: False) -> None:
-        """Block while `num_bytes` more would exceed the bound and something is held,
-        unless `until()` turns true (checked every few milliseconds) or the store closes."""
-        with self._cond:
-            self._wait(lambda: False, num_bytes, until)
-
     def put_when_room(self, sample_id: str, index: int, tensors: Mapping[str, torch.Tensor],
                       until=lambda: False) -> SampleRef | None:
-        """`put` once there is room (as `wait_for_room`), or at once if the sample is held
-        already (a second put of it takes no bytes). The check and the put are one step
-        under the store's lock, so a copy released meanwhile cannot let a new one in past
-        the bound. None, with nothing stored, once the store is closed."""
+        """`put` once there is room: it blocks while the new sample would take the held
+        bytes past the bound and something is held, unless the sample is held already (a
+        second put of it takes no bytes), `until()` turns true (checked every few
+        milliseconds) or the store closes. The check and the put are one step under the
+        store's lock, so a copy released meanwhile cannot let a new one in past the bound.
+        None, with nothing stored, once the store is closed."""
         num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self._cond:  # re-entrant: `put` takes it again
-            self._wait(lambda: sample_id in self._held, num_bytes, until)
+            while (sample_id not in self._held and self.held_bytes and self.held_bytes + num_bytes > self.max_bytes
+                   and not self._closed and not until()):
+                self._cond.wait(0.02)
             return None if self._closed else self.put(sample_id, index, tensors)
-
-    def _wait(self, shared, num_bytes: int, until) -> None:
-        while (not shared() and self.held_bytes and self.held_bytes + num_bytes > self.max_bytes
-               and not self._closed and not until()):
-            self._cond.wait(0.02)
 
     def lookup(self, sample_id: str, index: int) -> SampleRef | None:
         with self._cond:
