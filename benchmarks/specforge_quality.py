@@ -70,8 +70,8 @@ from bench_specforge_gpu import dist_version  # noqa: E402
 from draftflow.capture.target import resolve_aux_layer_ids  # noqa: E402
 from draftflow.config import load_config, replace  # noqa: E402
 from draftflow.evaluate import evaluate_drafts, load_exported_draft, summary_lines, write_json  # noqa: E402
-from draftflow.roles import build_provenance, open_colocated_store, plan_data, target_hf_config  # noqa: E402
-from draftflow.stores import StoreError  # noqa: E402
+from draftflow.roles import (build_provenance, captured_refs, open_colocated_store, plan_data,  # noqa: E402
+                             target_hf_config)
 from draftflow.train.batches import FeatureLoader, ListRefSource, SampleOrder  # noqa: E402
 from draftflow.train.trainer import load_target_weights  # noqa: E402
 
@@ -125,11 +125,7 @@ def open_run_data(cfg):
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     provenance = build_provenance(cfg, hf_config, aux_ids, plan.tokenizer_hash, plan.data_hash)
     store = open_colocated_store(cfg, provenance, os.environ)
-    refs = [store.lookup(s.sample_id, s.index) for s in plan.prepared.train]
-    missing = [s.sample_id for s, ref in zip(plan.prepared.train, refs) if ref is None]
-    if missing:
-        raise StoreError(f"{cfg.features.root}: {len(missing)} of {len(refs)} samples are not captured "
-                         f"(first: {missing[0]!r}); run DraftFlow's colocated run first")
+    refs = captured_refs(store, plan.prepared.train, cfg.features.root, "run DraftFlow's colocated run first")
     return plan, aux_ids, store, ListRefSource(refs)
 
 

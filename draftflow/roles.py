@@ -243,16 +243,23 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
             store if capture_plan.is_leader else LeaderOnly(store), target, aux_ids, capture_plan.is_leader)
     del target  # free the target before the draft trains
     barrier()
-    refs = [store.lookup(s.sample_id, s.index) for s in plan.prepared.train]
-    missing = [s.sample_id for s, ref in zip(plan.prepared.train, refs) if ref is None]
-    if missing:  # removed, or replaced by something this run did not sign, since capture
-        raise StoreError(f"{cfg.features.root}: {len(missing)} captured sample(s) are gone or not signed by this "
-                         f"run any more (first: {missing[0]!r}); rerun to capture them again")
+    refs = captured_refs(store, plan.prepared.train, cfg.features.root)
     result = train_from_refs(cfg, load_target_weights(cfg.target), aux_ids, plan.draft_ids, store, ListRefSource(refs),
                              provenance, None, stop_after=stop_after)
     store.close()
     return RunResult(output_dir=result.output_dir, final_dir=result.final_dir, checkpoint=result.checkpoint,
                      num_samples=len(refs), num_tokens=sum(r.num_tokens for r in refs))
+
+
+def captured_refs(store, samples, root, what_to_do: str = "rerun to capture them again") -> list:
+    """The store's signed ref of every sample, in order; StoreError naming the first one
+    missing (never captured, removed, or replaced by something this run did not sign)."""
+    refs = [store.lookup(s.sample_id, s.index) for s in samples]
+    missing = [s.sample_id for s, ref in zip(samples, refs) if ref is None]
+    if missing:
+        raise StoreError(f"{root}: {len(missing)} of {len(refs)} samples are not captured (or not signed by this "
+                         f"run; first: {missing[0]!r}); {what_to_do}")
+    return refs
 
 
 def run_online(cfg: Config, stop_after: int | None = None) -> RunResult:

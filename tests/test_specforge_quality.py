@@ -21,6 +21,7 @@ import specforge_quality as sq  # noqa: E402
 from draftflow.config import load_config  # noqa: E402
 from draftflow.evaluate import load_exported_draft, read_draft_config  # noqa: E402
 from draftflow.roles import run_colocated  # noqa: E402
+from draftflow.stores import StoreError  # noqa: E402
 from draftflow.train.batches import SampleOrder  # noqa: E402
 from draftflow.train.trainer import load_target_weights  # noqa: E402
 
@@ -175,7 +176,7 @@ def test_training_parts_build_on_the_recipe(run, cfg):
 
 def test_bad_input_is_refused_naming_what_to_do(run, tmp_path):
     empty = load_config([TINY], [*run[1], f"features.root={tmp_path / 'nothing-captured'}"])
-    with pytest.raises(sq.StoreError, match=r"nothing-captured: \d+ of \d+ samples are not captured .* colocated run"):
+    with pytest.raises(StoreError, match=r"nothing-captured: \d+ of \d+ samples are not captured .* colocated run"):
         sq.open_run_data(empty)
     with pytest.raises(ValueError, match=r"--global-batch 6 is not a multiple of --micro-batch 4"):
         sq.step_loader(None, None, 8, 0, global_batch=6, micro_batch=4, num_steps=1, pin_memory=False)
