@@ -316,3 +316,20 @@ def test_sharegpt_subset_keeps_the_first_conversations_up_to_their_kth_reply(tmp
     assert [len(json.loads(line)["messages"]) for line in out.read_text().splitlines()] == [4, 3, 2]
     with pytest.raises(SystemExit):
         sharegpt_subset.main(["--source", str(src), "--first", "0", "--out", str(out)])
+
+
+def test_side_by_side_script_refuses_unknown_phases_and_variants_and_missing_features(tmp_path):
+    """benchmarks/side_by_side_smollm2.sh stops before any work, naming what is wrong."""
+    def run(**env):
+        return subprocess.run(["bash", str(REPO / "benchmarks" / "side_by_side_smollm2.sh")], cwd=REPO,
+                              env={**os.environ, "GGUF": "x", "DATA": "x", "OUTDIR": str(tmp_path), **env},
+                              capture_output=True, text=True, timeout=60)
+
+    proc = run(PHASES="draftflow evaluation")
+    assert proc.returncode == 2 and "unknown phase 'evaluation'" in proc.stdout
+    proc = run(PHASES="variants")
+    assert proc.returncode == 1 and "no features in" in proc.stdout and "draftflow phase first" in proc.stdout
+    (tmp_path / "features" / "samples").mkdir(parents=True)
+    proc = run(PHASES="variants", VARIANTS="eagle3.1")
+    assert proc.returncode != 0 and "invalid choice: 'eagle3.1'" in proc.stderr
+    assert not (tmp_path / "variants").exists()  # nothing was trained

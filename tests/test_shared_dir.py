@@ -360,6 +360,16 @@ def test_gc_of_claims_clears_a_live_claim_only_for_a_marker_that_verifies(tmp_pa
         gc_store(tmp_path, ["claims"], secret=b"wrong secret")
 
 
+def test_gc_of_claims_says_when_no_secret_lets_it_verify_markers(tmp_path, monkeypatch, capsys):
+    from draftflow.cli import main
+
+    monkeypatch.delenv("DRAFTFLOW_SECRET", raising=False)
+    (tmp_path / "samples").mkdir()
+    tiny = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+    assert main(["store", "gc", "-c", str(tiny), f"features.root={tmp_path}", "--what", "claims"]) == 0
+    assert "no run secret: done markers are taken as they are, not verified" in capsys.readouterr().out
+
+
 def test_chunked_checksums_verify_landing_order_and_the_earlier_whole_format():
     """Feature checksums hash 8 MiB chunks on several threads: computed while bytes land
     in any order of cuts, they equal the one-shot value; a flipped byte in a later chunk
