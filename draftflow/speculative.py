@@ -35,13 +35,13 @@ class _TargetRunner:
 
     def __init__(self, model, aux_layer_ids: Sequence[int]):
         self.model, self.aux_layer_ids = model, list(aux_layer_ids)
-        self.cache = DynamicCache(config=model.config)
-        # Sliding-window layers (Gemma 3, Mistral, gpt-oss) drop keys that fall out of the
-        # window as they go, and then cannot be cropped back after a rejected draft: have
-        # them keep the past until `crop` (as transformers' assisted decoding does). Older
-        # transformers (5.0) lack the switch; there those families fail past the window.
-        if hasattr(self.cache, "activate_past_recording"):
-            self.cache.activate_past_recording()
+        # A cache of plain full layers for every family. Sliding-window layers (Gemma 3,
+        # Mistral, gpt-oss) still see only their window: transformers builds their masks
+        # from config.sliding_window and the positions. But no layer drops keys, so a
+        # rejected draft can always be cropped. (The config-built cache's sliding layers
+        # keep only the window; with past recording on, transformers 5.17 still sized
+        # their masks to the window and failed once a sequence outgrew it.)
+        self.cache = DynamicCache()
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_kwarg(model)
         self._outputs: dict[int, torch.Tensor] = {}

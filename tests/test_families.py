@@ -109,3 +109,23 @@ def test_evaluate_with_vllm_refuses_a_family_vllm_cannot_serve(tmp_path):
 def test_an_unknown_family_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"target.random: not a valid config of model_type 'llama9'"):
         run_colocated(family_config(tmp_path, "qwen2", "target.random.model_type=llama9"))
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss"])
+def test_the_evaluator_crops_sliding_window_layers_past_their_window(tmp_path, family):
+    """Speculative decoding extends the target's cache by a drafted chain and crops the
+    rejected part: past the sliding window (32 here) that must still give the target's
+    own logits. (transformers 5.17's sliding cache layers failed here: the masks were
+    sized to the window while past recording kept every key.)"""
+    from draftflow.speculative import _TargetRunner
+
+    model = build_random_model(family_config(tmp_path, family).target).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits[0].argmax(-1).tolist()
+        with _TargetRunner(model, [1, 3, 4]) as runner:
+            assert runner.forward(ids[0, :40].tolist())[0] == full[:40]  # a prompt longer than the window
+            runner.forward(ids[0, 40:46].tolist())  # a drafted chain ...
+            runner.crop(43)  # ... of which three tokens are rejected
+            got, aux = runner.forward(ids[0, 43:90].tolist())
+    assert got == full[43:90] and aux.shape == (1, 47, 3 * model.config.hidden_size)
