@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from draftflow.config import load_config  # noqa: E402
 from draftflow.data.prepare import prepare_dataset  # noqa: E402
-from draftflow.data.tokenizer import load_tokenizer  # noqa: E402
-from draftflow.roles import tokenizer_spec  # noqa: E402
+from draftflow.roles import target_tokenizer  # noqa: E402
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    prepared = prepare_dataset(cfg.data, load_tokenizer(tokenizer_spec(cfg)))
+    prepared = prepare_dataset(cfg.data, target_tokenizer(cfg))
     r = prefix_sharing([s.input_ids.tolist() for s in prepared.train])
     r["config"] = {"sources": cfg.data.sources, "max_length": cfg.data.max_length,
                    "max_samples": cfg.data.max_samples, "target": cfg.target.path}

@@ -39,6 +39,10 @@ class TargetConfig:
     # Tokenizer folder; defaults to `path`. "builtin:bytes-chatml" is a byte-level
     # tokenizer with a ChatML template, for tiny random targets.
     tokenizer: str | None = None
+    # Replaces the tokenizer's chat template: "builtin:plain" ("User:" / "Assistant:"
+    # paragraphs, for a pretrained model that never learned a chat format) or a Jinja
+    # template file. None: the tokenizer's own.
+    chat_template: str | None = None
     # Decoder layers whose outputs are captured; default EAGLE3's [1, L//2-1, L-4].
     aux_layer_ids: list[int] | None = None
     # Where a GGUF target is converted once to a fast-loading bf16 folder.

@@ -186,10 +186,9 @@ def heldout_prompts(cfg, num_prompts: int, tok=None) -> EvalPrompts:
     first assistant token (so a prompt ends with the assistant header); see
     data/prompt_sets.py for how the split is reproduced."""
     from draftflow.data.prompt_sets import load_prompt_set
-    from draftflow.data.tokenizer import load_tokenizer
-    from draftflow.roles import tokenizer_spec
+    from draftflow.roles import target_tokenizer
 
-    tok = tok if tok is not None else load_tokenizer(tokenizer_spec(cfg))
+    tok = tok if tok is not None else target_tokenizer(cfg)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     return EvalPrompts(prompts=load_prompt_set("heldout", cfg.data, tok, num_prompts).prompts,
                        eos_ids=tuple(sorted(eos)))
@@ -252,8 +251,7 @@ def evaluate_sweep(cfg, draft_dirs: dict[str, str | Path], prompt_sets: Sequence
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, resolve_aux_layer_ids, target_eos_ids
     from draftflow.data.prompt_sets import load_prompt_set
-    from draftflow.data.tokenizer import load_tokenizer
-    from draftflow.roles import target_hf_config, tokenizer_spec
+    from draftflow.roles import target_hf_config, target_tokenizer
 
     depths = sorted(set(depths))
     for name, value in [*(("depth", d) for d in depths), ("max_new_tokens", max_new_tokens),
@@ -262,7 +260,7 @@ def evaluate_sweep(cfg, draft_dirs: dict[str, str | Path], prompt_sets: Sequence
             raise ValueError(f"evaluate: {name}={value}, expected at least 1")
     if not depths or not prompt_sets:
         raise ValueError("evaluate: expected at least one depth and one prompt set")
-    tok = load_tokenizer(tokenizer_spec(cfg))
+    tok = target_tokenizer(cfg)
     # Room in the context for the prompt, the new tokens and the last round's full chain.
     context = target_hf_config(cfg).max_position_embeddings
     max_prompt_tokens = context - max_new_tokens - depths[-1]

@@ -85,9 +85,14 @@ def tokenizer_spec(cfg: Config) -> str:
     return str(resolve_target_folder(cfg.target))
 
 
+def target_tokenizer(cfg: Config):
+    """The target's tokenizer, with `target.chat_template` in place of its own where set."""
+    return load_tokenizer(tokenizer_spec(cfg), cfg.target.chat_template)
+
+
 def plan_data(cfg: Config, vocab_size: int) -> DataPlan:
     """Tokenise the configured conversations and choose the draft vocab."""
-    tok = load_tokenizer(tokenizer_spec(cfg))
+    tok = target_tokenizer(cfg)
     if len(tok) > vocab_size:
         raise ValueError(f"target.tokenizer has {len(tok)} tokens but the target's vocab_size is "
                          f"{vocab_size}; they must belong together")
@@ -154,7 +159,7 @@ def train_from_refs(cfg: Config, target: TargetWeights, aux_ids: list[int], draf
         raise ValueError(f"features have hidden size {provenance.hidden_size} but the target config "
                          f"gives {hidden}")
     model_cfg = build_draft_config(cfg, target.hf_config, aux_ids, len(draft_ids))
-    facts = target_section(target.hf_config, provenance.to_dict(), load_tokenizer(tokenizer_spec(cfg)))
+    facts = target_section(target.hf_config, provenance.to_dict(), target_tokenizer(cfg))
     draft = build_draft(model_cfg, target, draft_ids, cfg.train.seed).to(dist.device)
     state = TrainState(draft, Teacher(target.lm_head_weight, torch.tensor(draft_ids)), cfg.train,
                        cfg.draft.ttt_length, cfg.draft.loss_decay)
@@ -445,7 +450,7 @@ def run_ingest(cfg: Config, src: Path, environ=os.environ) -> RunResult:
                              f"has hidden_size {hf_config.hidden_size}")
         samples.append(IngestedSample(f"s{i:06d}", i, path, feats["input_ids"], feats["loss_mask"]))
     draft_ids = build_draft_vocab(samples, cfg.draft.vocab_size, hf_config.vocab_size)
-    provenance = build_provenance(cfg, hf_config, aux_ids, tokenizer_hash(load_tokenizer(tokenizer_spec(cfg))),
+    provenance = build_provenance(cfg, hf_config, aux_ids, tokenizer_hash(target_tokenizer(cfg)),
                                   data_hash(samples))
     fill = StoreFill(provenance=provenance, capture=(("source", "ingest"),))
     with publishing_run(cfg, secret, fill, draft_ids, len(samples)) as publishing:
@@ -464,7 +469,7 @@ def consumer_provenance(cfg: Config, header: ManifestHeader) -> Provenance:
     fields are taken from the manifest; everything else is derived independently."""
     feature_dtype(cfg)  # this consumer must be able to decode what it asks for
     hf_config = target_hf_config(cfg)
-    tok = load_tokenizer(tokenizer_spec(cfg))
+    tok = target_tokenizer(cfg)
     aux_ids = resolve_aux_layer_ids(cfg.target, hf_config.num_hidden_layers)
     produced = header.provenance
     # A random target is defined by its config and seed: compare its identity too.

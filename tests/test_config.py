@@ -111,7 +111,8 @@ def test_the_cli_refuses_a_bad_number_at_once_before_any_work(tmp_path, override
 # ---- enum-like strings ----------------------------------------------------------------
 
 # str settings whose value is a path, address or name, not one of a fixed set.
-FREE_TEXT = {"target.path", "target.tokenizer", "target.cache_dir", "features.root", "features.secret_file",
+FREE_TEXT = {"target.path", "target.tokenizer", "target.chat_template", "target.cache_dir", "features.root",
+             "features.secret_file",
              "features.mooncake.master", "features.mooncake.metadata_server", "features.mooncake.local_hostname",
              "features.mooncake.device_name", "features.mooncake.run_id", "train.output_dir"}
 

