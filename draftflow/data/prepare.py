@@ -80,6 +80,20 @@ def prompt_ids(tok, messages: Sequence[Message | dict]) -> list[int]:
     return _encode(tok, [(_render(tok, chat, generation_prompt=True), [])], 2 ** 62)[0][0]
 
 
+def next_turn_header(tok) -> str | None:
+    """What the chat template writes between an assistant reply and the next user
+    message, trailing whitespace dropped ("\n\nUser:" for builtin:plain,
+    "<|im_end|>\n<|im_start|>user" for ChatML); None where the template writes only
+    whitespace there or does not render the probe in order."""
+    reply, nxt = "\x00reply\x00", "\x00next\x00"
+    text = _render(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply},
+                         {"role": "user", "content": nxt}], generation_prompt=False)
+    start, end = text.find(reply), text.find(nxt)
+    if start < 0 or end < start + len(reply):
+        return None
+    return text[start + len(reply):end].rstrip() or None
+
+
 def render_with_spans(tok, messages: Sequence[Message | dict], train_reasoning: bool = True
                       ) -> tuple[str, list[tuple[int, int]]]:
     """The chat-template rendering and the [start, end) character span of each assistant turn."""

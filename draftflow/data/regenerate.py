@@ -43,7 +43,8 @@ from typing import Callable
 import torch
 
 from draftflow.data.conversations import Conversation, Message
-from draftflow.data.prepare import load_split_conversations, messages_key, prompt_ids, split_indices
+from draftflow.data.prepare import (load_split_conversations, messages_key, next_turn_header, prompt_ids,
+                                    split_indices)
 from draftflow.fsutil import write_atomic
 
 _LOG = logging.getLogger("draftflow.data")
@@ -133,7 +134,10 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
     from `generate`; returns the new list (same length and order), the number of
     replies and of generated tokens."""
     chats = {i: _start(conversations[i], max_turns) for i in which}
-    replies = tokens = 0
+    replies = tokens = cut = 0
+    # A pretrained model rarely emits EOS: after its reply it writes the user's next turn
+    # itself. The reply ends where the template would start that turn.
+    header = next_turn_header(tok)
     for turn in range(max_turns):
         active = [i for i, c in chats.items() if len(c.user_turns) > turn and c.replies == turn]
         prompts, budgets, asked = [], [], []
@@ -151,7 +155,13 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             # as emitted: replies end before EOS, and tags a tokenizer marks special
             # (<think> in some reasoning models) delimit what train_reasoning keeps
             text = tok.decode(reply, skip_special_tokens=False)
-            if not tok.decode(reply, skip_special_tokens=True).strip():
+            visible = tok.decode(reply, skip_special_tokens=True)
+            if header and header in text:
+                text, cut = text[:text.index(header)], cut + 1
+                visible = text
+                for special in tok.all_special_tokens:
+                    visible = visible.replace(special, "")
+            if not visible.strip():
                 continue  # nothing to train on: the conversation ends before this turn
             chat = chats[i]
             chat.history += [chat.user_turns[turn], Message(role="assistant", content=text)]
@@ -159,6 +169,8 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             replies += 1
             tokens += len(reply)
         log.info("regenerate: turn %d, %d replies in %.0f s", turn + 1, len(asked), time.perf_counter() - start)
+    if cut:
+        log.info("regenerate: %d replies cut where the target went on to write the next user turn (%r)", cut, header)
     out = list(conversations)
     for i, chat in chats.items():
         if chat.replies:
