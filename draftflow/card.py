@@ -132,10 +132,13 @@ def check_card(card: dict | None, draft_dir: str | Path, *, config_hash: str, to
     checks = (
         ("target.config_hash", card.get("target", {}).get("config_hash"), config_hash,
          "this draft was trained for another target"),
+        # The template first: the tokenizer hash covers it too, so a template change would
+        # otherwise be blamed on the tokenizer.
+        ("tokenizer.chat_template_hash", card.get("tokenizer", {}).get("chat_template_hash"), chat_template,
+         "the chat template (the tokenizer's own, or target.chat_template) differs from the one the draft was "
+         "trained with"),
         ("tokenizer.hash", card.get("tokenizer", {}).get("hash"), tokenizer_hash,
          "the tokenizer given (target.tokenizer) differs from the one the draft was trained with"),
-        ("tokenizer.chat_template_hash", card.get("tokenizer", {}).get("chat_template_hash"), chat_template,
-         "the chat template differs from the one the draft was trained with"),
         ("layers.trained_outputs", card.get("layers", {}).get("trained_outputs"), list(aux_layer_ids),
          "the draft would read features of other layers (target.aux_layer_ids)"),
     )

@@ -92,7 +92,9 @@ class SampleRef:
 
 
 # Provenance fields set by one config key: a refusal names the key to change.
-_CONFIG_KEYS = {"feature_dtype": "features.dtype"}
+# The config keys that set a provenance field, named in a mismatch (the tokenizer hash
+# covers the chat template too).
+_CONFIG_KEYS = {"feature_dtype": "features.dtype", "tokenizer_hash": "target.tokenizer, target.chat_template"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

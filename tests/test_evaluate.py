@@ -374,6 +374,9 @@ def test_draft_card_mismatch_is_refused_naming_the_field(draft_dir, tmp_path, ca
                           ("layers.trained_outputs", {"aux_layer_ids": [1, 2, 4]})):
         with pytest.raises(ValueError, match=f"draftflow.json: {field} is .* but the target given to evaluate"):
             check_card(card, draft_dir, **{**ok, **change})
+    # another target.chat_template changes the tokenizer hash too: the template is named
+    with pytest.raises(ValueError, match=r"chat_template_hash is .*target.chat_template\) differs"):
+        check_card(card, draft_dir, **{**ok, "tokenizer_hash": "xxh3_128:u", "chat_template": "xxh3_128:d"})
     assert read_card(draft_dir) is None and "has no draftflow.json" in caplog.text  # older exports: warn, go on
     (tmp_path / "draftflow.json").write_text(json.dumps({**card, "version": 9}))
     with pytest.raises(ValueError, match="version 9 is not supported"):
