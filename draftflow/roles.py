@@ -239,7 +239,7 @@ def run_colocated(cfg: Config, stop_after: int | None = None, environ=os.environ
                          "rank shares (start `draftflow store serve --backend mooncake`); without it each rank "
                          "would start a private one")
     job = plan_job(cfg, dist)  # checked before the store is opened: a refused setting leaves no record behind
-    hf_config, plan, aux_ids, provenance = job.hf_config, job.data, job.aux_ids, job.provenance
+    plan, aux_ids, provenance = job.data, job.aux_ids, job.provenance
     device, dtype, capture_plan = job.device, job.dtype, job.capture
     store = open_colocated_store(cfg, provenance, environ)
     target = load_target(cfg.target, device, dtype, capture_plan)

@@ -38,7 +38,8 @@ class _TargetRunner:
         # A cache of plain full layers for every family. Sliding-window layers (Gemma 3,
         # Mistral, gpt-oss) still see only their window: transformers builds their masks
         # from config.sliding_window and the positions. But no layer drops keys, so a
-        # rejected draft can always be cropped. (The config-built cache's sliding layers
+        # rejected draft can always be cropped; the price, accepted for evaluation, is that
+        # those layers hold and mask every past key. (The config-built cache's sliding layers
         # keep only the window; with past recording on, transformers 5.17 still sized
         # their masks to the window and failed once a sequence outgrew it.)
         self.cache = DynamicCache()

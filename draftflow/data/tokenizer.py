@@ -4,6 +4,9 @@
 0-255 are the bytes themselves (ByteLevel pre-tokenizer and decoder, BPE with no
 merges), then <|im_start|> = 256, <|im_end|> = 257, <|pad|> = 258; 259 ids in all.
 It carries a ChatML chat template, so the data path is the same as for a real target.
+
+`target.chat_template` ("builtin:plain", a plain User:/Assistant: dialogue for
+pretrained models, or a Jinja file) replaces whichever template the tokenizer has.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
     """
     template = read_chat_template(chat_template) if chat_template else None
     if spec == BUILTIN_BYTES_CHATML:
-        return build_bytes_chatml_tokenizer(template) if template else build_bytes_chatml_tokenizer()
+        return build_bytes_chatml_tokenizer(template or CHATML_TEMPLATE)
     if spec.startswith("builtin:"):
         raise ValueError(f"tokenizer {spec!r}: unknown builtin; expected {BUILTIN_BYTES_CHATML!r}")
     path = Path(spec).expanduser()
