@@ -91,9 +91,8 @@ class SampleRef:
                    features=tuple(FeatureSpec.from_dict(f) for f in d["features"]), mac=str(d.get("mac", "")))
 
 
-# Provenance fields set by one config key: a refusal names the key to change.
-# The config keys that set a provenance field, named in a mismatch (the tokenizer hash
-# covers the chat template too).
+# Provenance fields set by config keys: a refusal names the keys to change (the tokenizer
+# hash covers the chat template too).
 _CONFIG_KEYS = {"feature_dtype": "features.dtype", "tokenizer_hash": "target.tokenizer, target.chat_template"}
 
 
