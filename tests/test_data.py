@@ -443,8 +443,8 @@ def test_gemma3_plain_template_masks_only_assistant_paragraphs(gemma3_tok):
     assert len(gemma3_tok) >= 262144
     ids, mask = tokenize_conversation(gemma3_tok, CHAT, max_length=4096)
     assert ids.count(gemma3_tok.bos_token_id) == 1 and ids[0] == gemma3_tok.bos_token_id  # one BOS, unmasked
-    # the replies; the paragraph break after each is the template's, as ChatML's newline
-    assert masked_runs(gemma3_tok, ids, mask) == [m.content for m in CHAT if m.role == "assistant"]
+    # the replies and the paragraph break that ends each (there is no end-of-turn token)
+    assert masked_runs(gemma3_tok, ids, mask) == [m.content + "\n\n" for m in CHAT if m.role == "assistant"]
     text = gemma3_tok.decode(ids)
     assert text.count("Assistant:\n") == 2 and text.count("User:\n") == 2 and "<start_of_turn>" not in text
     system = [Message(role="system", content="Be brief."), *CHAT]
@@ -563,7 +563,7 @@ def test_target_chat_template_replaces_the_tokenizers_own(tmp_path):
 
     text, trained = prepared("target.chat_template=builtin:plain")
     assert text.startswith("User:\n") and "\n\nAssistant:\n" in text and "<|im_start|>" not in text
-    assert trained and text.endswith(trained + "\n\n")  # the reply, not the headers
+    assert trained.endswith(".\n\n") and text.endswith(trained)  # the reply and its paragraph break
     own = tmp_path / "turns.jinja"
     own.write_text("{% for m in messages %}{{ '### ' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
                    "{% if add_generation_prompt %}{{ '### assistant\\n' }}{% endif %}")
