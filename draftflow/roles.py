@@ -26,7 +26,7 @@ import draftflow
 from draftflow.capture.capture import capture_features, resolve_device_dtype
 from draftflow.capture.online import CapturingSource, check_online_fits, online_memory_need
 from draftflow.capture.parallel import LeaderOnly, plan_capture
-from draftflow.capture.target import (LoadedTarget, config_hash, load_target, random_config,
+from draftflow.capture.target import (LoadedTarget, config_hash, load_target, packaged_chat_template, random_config,
                                       resolve_aux_layer_ids, resolve_target_folder, target_identity)
 from draftflow.config import Config
 from draftflow.control.manifest import (ManifestHeader, ManifestReader, ManifestWriter, check_provenance,
@@ -86,8 +86,9 @@ def tokenizer_spec(cfg: Config) -> str:
 
 
 def target_tokenizer(cfg: Config):
-    """The target's tokenizer, with `target.chat_template` in place of its own where set."""
-    return load_tokenizer(tokenizer_spec(cfg), cfg.target.chat_template)
+    """The target's tokenizer, with `target.chat_template` in place of its own where set
+    (by default, for a packaged target whose GGUF carries none, the one it needs)."""
+    return load_tokenizer(tokenizer_spec(cfg), cfg.target.chat_template or packaged_chat_template(cfg.target))
 
 
 def plan_data(cfg: Config, vocab_size: int) -> DataPlan:

