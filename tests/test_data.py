@@ -18,7 +18,7 @@ from draftflow.data.conversations import Message, load_conversations
 from draftflow.data.prepare import (data_hash, load_prepared, prepare_dataset, render_with_spans,
                                     save_prepared, tokenize_conversation)
 from draftflow.data.tokenizer import (BYTES_CHATML_VOCAB_SIZE, build_bytes_chatml_tokenizer,
-                                      load_tokenizer, tokenizer_hash)
+                                      check_gguf_tokenizer, load_tokenizer, tokenizer_hash)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,6 +228,31 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: cannot load"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def unigram_tokenizer(word_score: float):
+    """A SentencePiece-style (Unigram, Metaspace) tokenizer holding every letter and the
+    pangram's words with their leading "\u2581"; letters score -1, words `word_score`. Built
+    from scores that rank the words last, it cuts every word into letters, as a tokenizer
+    rebuilt from a mis-read GGUF vocabulary does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the quick brown fox jumps over lazy dog and then model writes next word".split()
+    vocab = [("<unk>", 0.0), *[(c, -1.0) for c in ",.\u2581abcdefghijklmnopqrstuvwxyzT"],
+             *[("\u2581" + w, word_score) for w in words]]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def test_a_gguf_tokenizer_that_cuts_whole_words_into_pieces_is_refused(byte_tok):
+    with pytest.raises(ValueError, match=r"m\.gguf: transformers 5\.17\.0 read this GGUF's vocabulary wrongly: "
+                                         r"its vocabulary holds 14 of the words .* cuts 14 of them into pieces "
+                                         r"\(and, brown, dog, fox, \.\.\.\).*transformers>=5\.18"):
+        check_gguf_tokenizer(unigram_tokenizer(word_score=-10.0), Path("m.gguf"), "5.17.0")
+    check_gguf_tokenizer(unigram_tokenizer(word_score=-0.5), Path("m.gguf"), "5.24.0")
+    check_gguf_tokenizer(byte_tok, Path("bytes.gguf"), "5.24.0")  # no whole words to keep: passes
 
 
 # ---------------------------------------------------------------- loss masks
@@ -441,6 +466,8 @@ def gemma3_tok(tmp_path_factory):
 
 def test_gemma3_plain_template_masks_only_assistant_paragraphs(gemma3_tok):
     assert len(gemma3_tok) >= 262144
+    assert gemma3_tok.convert_ids_to_tokens(gemma3_tok(" the quick model", add_special_tokens=False).input_ids) == [
+        "\u2581the", "\u2581quick", "\u2581model"]  # whole words (transformers 5.17 cut them up)
     ids, mask = tokenize_conversation(gemma3_tok, CHAT, max_length=4096)
     assert ids.count(gemma3_tok.bos_token_id) == 1 and ids[0] == gemma3_tok.bos_token_id  # one BOS, unmasked
     # the replies and the paragraph break that ends each (there is no end-of-turn token)

