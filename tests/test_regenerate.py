@@ -115,27 +115,31 @@ def test_two_training_conversations_with_one_prompt_keep_the_split(tmp_path, cap
     assert split_indices(conversations, back.data) == (held, train)
 
 
-def test_a_reply_ends_where_the_target_starts_the_next_user_turn(caplog):
+def test_a_reply_ends_where_the_target_starts_the_next_turn(caplog):
     """A pretrained target (builtin:plain) rarely emits EOS: what it writes after its
-    reply, the user's next turn included, is cut off at the template's turn header."""
+    reply, the user's next turn or another reply, is cut off at the template's header."""
     from draftflow.data.conversations import Conversation, Message
-    from draftflow.data.prepare import next_turn_header
+    from draftflow.data.prepare import next_reply_header, next_turn_header
     from draftflow.data.regenerate import regenerate_conversations
     from draftflow.data.tokenizer import PLAIN_CHAT_TEMPLATE
 
     assert next_turn_header(build_bytes_chatml_tokenizer()) == "<|im_end|>\n<|im_start|>user"
     tok = build_bytes_chatml_tokenizer(PLAIN_CHAT_TEMPLATE)
     assert next_turn_header(tok) == "\n\nUser:"
-    outputs = iter(["Paris.\n\nUser:\nAnd Spain?\n\nAssistant:\nMadrid.", "\n\nUser: hi", "No header here"])
+    assert next_reply_header(tok) == "\n\nAssistant:"
+    assert next_reply_header(build_bytes_chatml_tokenizer()) == "<|im_end|>\n<|im_start|>assistant"
+    outputs = iter(["Paris.\n\nUser:\nAnd Spain?\n\nAssistant:\nMadrid.", "\n\nUser: hi", "No header here",
+                    "Rome.\n\nAssistant:\nRome.\n\nUser:\nOK"])
 
     def generate(prompts, budgets):
         return [tok(next(outputs), add_special_tokens=False)["input_ids"] for _ in prompts]
 
     convs = [Conversation(source="t", line=n, messages=(Message(role="user", content=q),
                                                         Message(role="assistant", content="old")))
-             for n, q in enumerate(["Capital of France?", "Say hi", "Anything"])]
+             for n, q in enumerate(["Capital of France?", "Say hi", "Anything", "Capital of Italy?"])]
     caplog.set_level("INFO")
-    out, replies, _ = regenerate_conversations(generate, tok, convs, [0, 1, 2], max_length=512,
+    out, replies, _ = regenerate_conversations(generate, tok, convs, [0, 1, 2, 3], max_length=512,
                                                max_new_tokens=64, max_turns=1, max_prompt_tokens=256)
-    assert [c.messages[1].content for c in out] == ["Paris.", "old", "No header here"]  # empty after the cut: kept
-    assert replies == 2 and "2 replies cut where the target went on" in caplog.text
+    # cut at the first header, of the next user turn or of another reply; empty after the cut: kept
+    assert [c.messages[1].content for c in out] == ["Paris.", "old", "No header here", "Rome."]
+    assert replies == 3 and "3 replies cut where the target went on to write the next turn" in caplog.text

@@ -85,9 +85,23 @@ def next_turn_header(tok) -> str | None:
     message, trailing whitespace dropped ("\n\nUser:" for builtin:plain,
     "<|im_end|>\n<|im_start|>user" for ChatML); None where the template writes only
     whitespace there or does not render the probe in order."""
+    return _written_after_a_reply(tok, "user")
+
+
+def next_reply_header(tok) -> str | None:
+    """What the chat template writes between an assistant reply and a second assistant
+    message right after it ("\n\nAssistant:" for builtin:plain); None where it writes only
+    whitespace there, or refuses two assistant messages in a row."""
+    return _written_after_a_reply(tok, "assistant")
+
+
+def _written_after_a_reply(tok, next_role: str) -> str | None:
     reply, nxt = "\x00reply\x00", "\x00next\x00"
-    text = _render(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply},
-                         {"role": "user", "content": nxt}], generation_prompt=False)
+    try:
+        text = _render(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply},
+                             {"role": next_role, "content": nxt}], generation_prompt=False)
+    except ValueError:  # e.g. a template that insists on alternating roles
+        return None
     start, end = text.find(reply), text.find(nxt)
     if start < 0 or end < start + len(reply):
         return None

@@ -43,8 +43,8 @@ from typing import Callable
 import torch
 
 from draftflow.data.conversations import Conversation, Message
-from draftflow.data.prepare import (load_split_conversations, messages_key, next_turn_header, prompt_ids,
-                                    split_indices)
+from draftflow.data.prepare import (load_split_conversations, messages_key, next_reply_header, next_turn_header,
+                                    prompt_ids, split_indices)
 from draftflow.fsutil import write_atomic
 
 _LOG = logging.getLogger("draftflow.data")
@@ -135,9 +135,9 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
     replies and of generated tokens."""
     chats = {i: _start(conversations[i], max_turns) for i in which}
     replies = tokens = cut = 0
-    # A pretrained model rarely emits EOS: after its reply it writes the user's next turn
-    # itself. The reply ends where the template would start that turn.
-    header = next_turn_header(tok)
+    # A pretrained model rarely emits EOS: after its reply it writes the user's next turn,
+    # or another reply, itself. The reply ends where the template would start either.
+    headers = [h for h in dict.fromkeys((next_turn_header(tok), next_reply_header(tok))) if h]
     for turn in range(max_turns):
         active = [i for i, c in chats.items() if len(c.user_turns) > turn and c.replies == turn]
         prompts, budgets, asked = [], [], []
@@ -156,8 +156,9 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             # (<think> in some reasoning models) delimit what train_reasoning keeps
             text = tok.decode(reply, skip_special_tokens=False)
             visible = tok.decode(reply, skip_special_tokens=True)
-            if header and header in text:
-                text, cut = text[:text.index(header)], cut + 1
+            ends = [text.index(h) for h in headers if h in text]
+            if ends:
+                text, cut = text[:min(ends)], cut + 1
                 visible = text
                 for special in tok.all_special_tokens:
                     visible = visible.replace(special, "")
@@ -170,7 +171,8 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             tokens += len(reply)
         log.info("regenerate: turn %d, %d replies in %.0f s", turn + 1, len(asked), time.perf_counter() - start)
     if cut:
-        log.info("regenerate: %d replies cut where the target went on to write the next user turn (%r)", cut, header)
+        log.info("regenerate: %d replies cut where the target went on to write the next turn (%s)", cut,
+                 " or ".join(map(repr, headers)))
     out = list(conversations)
     for i, chat in chats.items():
         if chat.replies:
