@@ -235,7 +235,7 @@ PANGRAM_WORDS = "the quick brown fox jumps over lazy dog and then model writes n
 
 def unigram_tokenizer(split_words=frozenset(PANGRAM_WORDS)):
     """A SentencePiece-style (Unigram, Metaspace) tokenizer holding every letter and the
-    probe's words with their leading "\u2581"; letters score -1, words 0.5, but the words
+    probe's words with their leading "\u2581"; letters score -1, words -0.5, but the words
     in `split_words` -10. Ranked below their letters, a word is cut into letters, as by a
     tokenizer rebuilt from a mis-read GGUF vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers

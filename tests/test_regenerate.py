@@ -128,6 +128,11 @@ def test_a_reply_ends_where_the_target_starts_the_next_turn(caplog):
     assert next_turn_header(tok) == "\n\nUser:"
     assert next_reply_header(tok) == "\n\nAssistant:"
     assert next_reply_header(build_bytes_chatml_tokenizer()) == "<|im_end|>\n<|im_start|>assistant"
+    alternating = ("{% for m in messages %}{% if loop.index0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                   "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['role'] + ': ' + m['content'] + "
+                   "'\n' }}{% endfor %}")
+    assert next_reply_header(build_bytes_chatml_tokenizer(alternating)) is None  # refuses two replies in a row
+    assert next_turn_header(build_bytes_chatml_tokenizer(alternating)) == "\nuser:"
     outputs = iter(["Paris.\n\nUser:\nAnd Spain?\n\nAssistant:\nMadrid.", "\n\nUser: hi", "No header here",
                     "Rome.\n\nAssistant:\nRome.\n\nUser:\nOK"])
 

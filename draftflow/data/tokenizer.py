@@ -147,9 +147,9 @@ def check_gguf_tokenizer(tok, gguf: Path, transformers_version: str) -> None:
     split = sorted(w for w in whole if not tokens.intersection(forms[w]))
     if len(whole) >= 5 and 2 * len(split) > len(whole):
         old = _version_tuple(transformers_version) < (5, 18)
-        remedy = ("transformers 5.17 and earlier do this for Gemma GGUF files; upgrade transformers "
-                  "(pip install 'transformers>=5.18')" if old else
-                  "point target.path (or target.tokenizer) at the model's transformers folder instead")
+        remedy = ("transformers 5.17 does this for Gemma GGUF files and 5.18 reads them right; upgrade "
+                  "transformers (pip install 'transformers>=5.18')" if old else
+                  "point target.path at the model's transformers folder instead")
         raise ValueError(
             f"tokenizer {gguf}: transformers {transformers_version} read this GGUF's vocabulary "
             f"wrongly: its vocabulary holds {len(whole)} of the words of {_GGUF_PROBE!r} whole, but "
