@@ -130,7 +130,8 @@ def compare_metrics(a_run: Path, b_run: Path) -> dict:
         if key.startswith("acc"):  # fractions near 0 early on: relative differences mean nothing
             row["max_abs"] = max(abs(x[key] - y[key]) for x, y in zip(a, b))
         else:
-            rel, x, y = max((abs(x[key] - y[key]) / max(abs(x[key]), 1e-12), x, y) for x, y in zip(a, b))
+            rel, x, y = max(((abs(x[key] - y[key]) / max(abs(x[key]), 1e-12), x, y) for x, y in zip(a, b)),
+                            key=lambda t: t[0])
             # shared significant figures at the worst step: -log10 of the relative difference
             row.update(max_rel=rel, sig_figs=math.inf if rel == 0 else -math.log10(rel),
                        worst_step=x["step"], worst=[x[key], y[key]])
