@@ -42,11 +42,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from bench_capture_gpu import machine_info  # noqa: E402
+from draftflow.train.metrics import read_metrics  # noqa: E402
+
 TINY = ROOT / "examples" / "tiny.yaml"
 METRICS = ("loss", "ploss_2", "acc_0", "acc_6")  # acc_*: compared as absolute differences
 
 
-def overrides(args, folder: Path, dtype: str | None = None) -> list[str]:
+def overrides(args, folder: Path, work: Path, dtype: str | None = None) -> list[str]:
+    """`draftflow train`'s arguments for one run, whose folders are under `folder`."""
     dtype = dtype or args.dtype
     o = ["train.progress=false", "train.tensorboard=false", f"data.max_samples={args.samples}",
          f"train.max_steps={args.steps}", "train.log_every=1", f"train.batch_size={args.batch}",
@@ -54,20 +60,9 @@ def overrides(args, folder: Path, dtype: str | None = None) -> list[str]:
          f"features.dtype={dtype}", f"features.root={folder / 'feat'}", f"train.output_dir={folder / 'run'}",
          "train.compile=false", "train.save_every=0", *args.set]
     if not any(x.startswith("target.cache_dir=") for x in args.set):
-        o.append(f"target.cache_dir={folder.parent / 'cache'}")  # a converted GGUF is shared by both runs
-    for key, value in json.loads(args.target_json or "{}").items():
-        o.append(f"target.random.{key}={json.dumps(value)}")
-    return [args.config, *o]
-
-
-def worker(argv: list[str]) -> None:
-    """One rank of the TP job, or the single-device run (under torchrun or not)."""
-    from draftflow.config import load_config
-    from draftflow.roles import run_colocated
-    from draftflow.train.distributed import shutdown
-
-    run_colocated(load_config([argv[0]], argv[1:]))
-    shutdown()
+        o.append(f"target.cache_dir={work / 'cache'}")  # a converted GGUF is shared by all runs
+    o += [f"target.random.{key}={json.dumps(value)}" for key, value in args.target.items()]
+    return ["train", "-c", args.config, *o]
 
 
 def run(cmd: list[str], env: dict) -> None:
@@ -114,8 +109,7 @@ def steps_samples(run_dir: Path) -> dict[int, set[str]]:
 
 
 def compare_metrics(a_run: Path, b_run: Path) -> dict:
-    a = [json.loads(x) for x in (a_run / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (b_run / "metrics.jsonl").read_text().splitlines()]
+    a, b = read_metrics(a_run / "metrics.jsonl"), read_metrics(b_run / "metrics.jsonl")
     if [m["step"] for m in a] != [m["step"] for m in b]:
         sys.exit(f"the runs logged different steps: {a_run / 'metrics.jsonl'} and {b_run / 'metrics.jsonl'}")
     if (trained := steps_samples(a_run)) != (other := steps_samples(b_run)):
@@ -155,10 +149,6 @@ def print_comparison(f: dict, m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--worker":
-        worker(argv[1:])
-        return {}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--tp", type=int, default=2, help="ranks of the TP group (GPUs with --device cuda)")
@@ -173,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=None, help="folder for both runs (default: a temporary one)")
     ap.add_argument("--out", required=True, help="JSON results file")
     args = ap.parse_args(argv)
+    args.target = json.loads(args.target_json or "{}")
     if args.device == "cuda":
         import torch
         if torch.cuda.device_count() < args.tp:
@@ -185,32 +176,32 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def compare(a: Path, b: Path) -> dict:
+    """Features and metrics of run folder `b` against run folder `a`."""
+    return {"features": compare_features(a / "feat", b / "feat"), "metrics": compare_metrics(a / "run", b / "run")}
+
+
 def measure(args, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
-    me = str(Path(__file__).resolve())
-    single, tp = work / "single", work / "tp"
+        env.setdefault("OMP_NUM_THREADS", "1")
     one_device = {**env, "CUDA_VISIBLE_DEVICES": "0"} if args.device == "cuda" else env
-    run([sys.executable, me, "--worker", *overrides(args, single), f"train.grad_accum={args.tp}",
-         "capture.parallel=none"], one_device)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}", me,
-         "--worker", *overrides(args, tp), "capture.parallel=tp", f"capture.tp_size={args.tp}"], env)
+
+    def single(folder: Path, dtype: str | None = None) -> None:  # whole target, --tp micro-batches a step
+        run([sys.executable, "-m", "draftflow", *overrides(args, folder, work, dtype),
+             f"train.grad_accum={args.tp}", "capture.parallel=none"], one_device)
+
+    single(work / "single")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}",
+         "-m", "draftflow", *overrides(args, work / "tp", work), "capture.parallel=tp",
+         f"capture.tp_size={args.tp}"], env)
     scale = None
     if args.dtype != "float32":  # for scale: what the bf16 rounding alone does, one device
-        run([sys.executable, me, "--worker", *overrides(args, work / "single_f32", "float32"),
-             f"train.grad_accum={args.tp}", "capture.parallel=none"], one_device)
-        scale = {"features": compare_features(work / "single_f32" / "feat", single / "feat"),
-                 "metrics": compare_metrics(work / "single_f32" / "run", single / "run")}
-    import torch
-    import transformers
+        single(work / "single_f32", "float32")
+        scale = compare(work / "single_f32", work / "single")
     result = {"benchmark": "tp_equivalence", "device": args.device, "tp": args.tp, "dtype": args.dtype,
-              "config": args.config, "set": args.set, "target_json": json.loads(args.target_json or "{}"),
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-              "features": compare_features(single / "feat", tp / "feat"),
-              "metrics": compare_metrics(single / "run", tp / "run"),
-              "single_float32_vs_single": scale}
+              "config": args.config, "set": args.set, "target_json": args.target, **machine_info(),
+              **compare(work / "single", work / "tp"), "single_float32_vs_single": scale}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"TP {args.tp} vs single device ({args.device}, {args.dtype}, torch {result['torch']}, "
           f"transformers {result['transformers']}), {result['features']['num_samples']} samples, "

@@ -137,7 +137,7 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
     replies = tokens = cut = 0
     # A pretrained model rarely emits EOS: after its reply it writes the user's next turn,
     # or another reply, itself. The reply ends where the template would start either.
-    headers = [h for h in dict.fromkeys((next_turn_header(tok), next_reply_header(tok))) if h]
+    headers = [h for h in (next_turn_header(tok), next_reply_header(tok)) if h]
     for turn in range(max_turns):
         active = [i for i, c in chats.items() if len(c.user_turns) > turn and c.replies == turn]
         prompts, budgets, asked = [], [], []
@@ -155,13 +155,12 @@ def regenerate_conversations(generate: Generate, tok, conversations: list[Conver
             # as emitted: replies end before EOS, and tags a tokenizer marks special
             # (<think> in some reasoning models) delimit what train_reasoning keeps
             text = tok.decode(reply, skip_special_tokens=False)
-            visible = tok.decode(reply, skip_special_tokens=True)
             ends = [text.index(h) for h in headers if h in text]
             if ends:
                 text, cut = text[:min(ends)], cut + 1
-                visible = text
-                for special in tok.all_special_tokens:
-                    visible = visible.replace(special, "")
+            visible = text
+            for special in tok.all_special_tokens:
+                visible = visible.replace(special, "")
             if not visible.strip():
                 continue  # nothing to train on: the conversation ends before this turn
             chat = chats[i]

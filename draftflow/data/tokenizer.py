@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import xxhash
+from packaging.version import Version
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from tokenizers.pre_tokenizers import ByteLevel
 
@@ -146,7 +147,7 @@ def check_gguf_tokenizer(tok, gguf: Path, transformers_version: str) -> None:
     whole = [w for w, fs in forms.items() if fs]
     split = sorted(w for w in whole if not tokens.intersection(forms[w]))
     if len(whole) >= 5 and 2 * len(split) > len(whole):
-        old = _version_tuple(transformers_version) < (5, 18)
+        old = Version(transformers_version).release < (5, 18)
         remedy = ("transformers 5.17 does this for Gemma GGUF files and 5.18 reads them right; upgrade "
                   "transformers (pip install 'transformers>=5.18')" if old else
                   "point target.path at the model's transformers folder instead")
@@ -155,16 +156,6 @@ def check_gguf_tokenizer(tok, gguf: Path, transformers_version: str) -> None:
             f"wrongly: its vocabulary holds {len(whole)} of the words of {_GGUF_PROBE!r} whole, but "
             f"the tokenizer cuts {len(split)} of them into pieces ({', '.join(split[:4])}, ...), so the "
             f"target would be fed ids it was never trained on; {remedy}")
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """(5, 17) of "5.17.0"; a part that is not a number ends the tuple ("5.18.0.dev0" -> (5, 18, 0))."""
-    parts = []
-    for part in version.split("."):
-        if not part.isdigit():
-            break
-        parts.append(int(part))
-    return tuple(parts)
 
 
 def build_bytes_chatml_tokenizer(chat_template: str = CHATML_TEMPLATE):
